@@ -1,0 +1,311 @@
+"""The project file, nightshift.toml: every setting a user changes.
+
+Values are checked here, once, with the same field checks the run
+configuration uses, so a wrong value stops with one line naming the field.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from nightshift.runconfig import (
+    ConfigError,
+    LogConfig,
+    ReportConfig,
+    RunConfig,
+    check_choice,
+    check_environment,
+    check_image,
+    parse_duration,
+)
+
+DEFAULT_FILE = "nightshift.toml"
+ACCELERATORS = ("tcg", "kvm")
+ARCHITECTURES = ("amd64", "arm64")
+OVERLAP_POLICIES = ("skip", "replace", "allow")
+_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+# EC2 instance types look like family+generation[+options].size: m6i.large.
+_INSTANCE_TYPE = re.compile(r"^[a-z][a-z0-9-]*[0-9][a-z0-9-]*\.[0-9]*[a-z]+[0-9]*$")
+# EventBridge: cron(min hour day-of-month month day-of-week year) or rate(n unit).
+_CRON = re.compile(r"^cron\((\S+ ){5}\S+\)$")
+_RATE = re.compile(r"^rate\(\d+ (minute|minutes|hour|hours|day|days)\)$")
+
+
+@dataclass(frozen=True)
+class JobSettings:
+    context: str = "job"
+    image: str = ""
+    environment: dict[str, str] = field(default_factory=dict)
+    max_run_seconds: int = 3600
+    pull_deadline_seconds: int = 300
+    stop_grace_seconds: int = 30
+
+
+@dataclass(frozen=True)
+class ScheduleSettings:
+    cron: str = "cron(0 3 * * ? *)"
+    enabled: bool = True
+
+
+@dataclass(frozen=True)
+class AwsSettings:
+    region: str = "eu-west-1"
+    architecture: str = "amd64"
+    instance_types: tuple[str, ...] = ("m6i.large",)
+    root_volume_gb: int = 30
+    spot: bool = False
+    overlap_policy: str = "skip"
+    subnets: tuple[str, ...] = ()
+    notification_email: str = ""
+    log_retention_days: int = 30
+    keep_images: int = 10
+    endpoint_url: str = ""
+
+
+@dataclass(frozen=True)
+class LocalSettings:
+    accelerator: str = "tcg"
+    memory_mb: int = 2048
+    cpus: int = 2
+    registry_port: int = 5000
+    build_dir: str = "build"
+
+
+@dataclass(frozen=True)
+class Config:
+    project: str = "nightshift"
+    job: str = "example"
+    job_settings: JobSettings = field(default_factory=JobSettings)
+    schedule: ScheduleSettings = field(default_factory=ScheduleSettings)
+    aws: AwsSettings = field(default_factory=AwsSettings)
+    local: LocalSettings = field(default_factory=LocalSettings)
+    root: Path = Path(".")
+
+    @property
+    def build_dir(self) -> Path:
+        return (self.root / self.local.build_dir).resolve()
+
+    @property
+    def local_registry(self) -> str:
+        """The registry as the host pushes to it."""
+        return f"127.0.0.1:{self.local.registry_port}"
+
+    @property
+    def guest_registry(self) -> str:
+        """The same registry as a local VM reaches it (qemu's user network)."""
+        return f"10.0.2.2:{self.local.registry_port}"
+
+    @property
+    def repository(self) -> str:
+        return f"{self.project}/{self.job}"
+
+    def local_image(self) -> str:
+        """The job image reference a local VM pulls."""
+        return (
+            self.job_settings.image or f"{self.guest_registry}/{self.repository}:latest"
+        )
+
+    def run_config(self, *, image: str | None = None, **overrides: Any) -> RunConfig:
+        """The run configuration for one local run (the unit's input)."""
+        settings = self.job_settings
+        data = {
+            "image": image or self.local_image(),
+            "job": self.job,
+            "environment": dict(settings.environment),
+            "max_run_seconds": settings.max_run_seconds,
+            "pull_deadline_seconds": settings.pull_deadline_seconds,
+            "stop_grace_seconds": settings.stop_grace_seconds,
+            "log": asdict(LogConfig()),
+            "report": asdict(ReportConfig()),
+        }
+        data.update(overrides)
+        return RunConfig.parse(data)
+
+    def as_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["root"] = str(self.root)
+        return data
+
+
+def load(path: str | Path | None = None) -> Config:
+    """Read and check the project file; a missing file gives the defaults."""
+    path = Path(path or DEFAULT_FILE)
+    if path.exists():
+        try:
+            data = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(
+                str(path), "<file>", f"fix the TOML syntax: {err}"
+            ) from err
+    else:
+        data = {}
+    return parse(data, root=path.resolve().parent)
+
+
+def parse(data: dict[str, Any], *, root: Path = Path(".")) -> Config:
+    sections = {"project", "job", "schedule", "aws", "local"}
+    for name in data:
+        if name not in sections:
+            raise ConfigError(
+                name,
+                data[name],
+                f"unknown section; known: {', '.join(sorted(sections))}",
+            )
+    project = _section(data, "project", {"name", "job"})
+    job = _section(
+        data,
+        "job",
+        {
+            "context",
+            "image",
+            "environment",
+            "max_run_time",
+            "pull_deadline",
+            "stop_grace",
+        },
+    )
+    schedule = _section(data, "schedule", {"cron", "enabled"})
+    aws = _section(data, "aws", {f for f in AwsSettings.__dataclass_fields__})
+    local = _section(data, "local", {f for f in LocalSettings.__dataclass_fields__})
+
+    defaults = JobSettings()
+    job_settings = JobSettings(
+        context=_string("job.context", job.get("context", defaults.context)),
+        image=check_image("job.image", job["image"]) if job.get("image") else "",
+        environment=check_environment("job.environment", job.get("environment", {})),
+        max_run_seconds=parse_duration(
+            "job.max_run_time", job.get("max_run_time", defaults.max_run_seconds)
+        ),
+        pull_deadline_seconds=parse_duration(
+            "job.pull_deadline",
+            job.get("pull_deadline", defaults.pull_deadline_seconds),
+        ),
+        stop_grace_seconds=parse_duration(
+            "job.stop_grace", job.get("stop_grace", defaults.stop_grace_seconds)
+        ),
+    )
+
+    cron = _string("schedule.cron", schedule.get("cron", ScheduleSettings.cron))
+    if not (_CRON.match(cron) or _RATE.match(cron)):
+        raise ConfigError(
+            "schedule.cron",
+            cron,
+            "use 'cron(0 3 * * ? *)' or 'rate(1 day)' (EventBridge form)",
+        )
+
+    aws_defaults = AwsSettings()
+    instance_types = tuple(aws.get("instance_types", aws_defaults.instance_types))
+    if not instance_types:
+        raise ConfigError("aws.instance_types", [], "list at least one instance type")
+    for name in instance_types:
+        if not isinstance(name, str) or not _INSTANCE_TYPE.match(name):
+            raise ConfigError(
+                "aws.instance_types",
+                name,
+                "use EC2 instance type names like 'm6i.large'",
+            )
+
+    local_defaults = LocalSettings()
+    return Config(
+        project=_name("project.name", project.get("name", "nightshift")),
+        job=_name("project.job", project.get("job", "example")),
+        job_settings=job_settings,
+        schedule=ScheduleSettings(
+            cron=cron, enabled=_bool("schedule.enabled", schedule.get("enabled", True))
+        ),
+        aws=AwsSettings(
+            region=_region("aws.region", aws.get("region", aws_defaults.region)),
+            architecture=check_choice(
+                "aws.architecture",
+                aws.get("architecture", aws_defaults.architecture),
+                ARCHITECTURES,
+            ),
+            instance_types=instance_types,
+            root_volume_gb=_int(
+                "aws.root_volume_gb", aws.get("root_volume_gb", 30), 8, 16384
+            ),
+            spot=_bool("aws.spot", aws.get("spot", False)),
+            overlap_policy=check_choice(
+                "aws.overlap_policy",
+                aws.get("overlap_policy", "skip"),
+                OVERLAP_POLICIES,
+            ),
+            subnets=tuple(_string("aws.subnets", s) for s in aws.get("subnets", ())),
+            notification_email=_string(
+                "aws.notification_email", aws.get("notification_email", "")
+            ),
+            log_retention_days=_int(
+                "aws.log_retention_days", aws.get("log_retention_days", 30), 1, 3653
+            ),
+            keep_images=_int("aws.keep_images", aws.get("keep_images", 10), 1, 1000),
+            endpoint_url=_string("aws.endpoint_url", aws.get("endpoint_url", "")),
+        ),
+        local=LocalSettings(
+            accelerator=check_choice(
+                "local.accelerator", local.get("accelerator", "tcg"), ACCELERATORS
+            ),
+            memory_mb=_int("local.memory_mb", local.get("memory_mb", 2048), 512, 65536),
+            cpus=_int("local.cpus", local.get("cpus", 2), 1, 64),
+            registry_port=_int(
+                "local.registry_port", local.get("registry_port", 5000), 1024, 65535
+            ),
+            build_dir=_string(
+                "local.build_dir", local.get("build_dir", local_defaults.build_dir)
+            ),
+        ),
+        root=root,
+    )
+
+
+def _section(data: dict[str, Any], name: str, known: set[str]) -> dict[str, Any]:
+    section = data.get(name, {})
+    if not isinstance(section, dict):
+        raise ConfigError(name, section, "use a [section] table")
+    for key in section:
+        if key not in known:
+            raise ConfigError(
+                f"{name}.{key}",
+                section[key],
+                f"unknown setting; known: {', '.join(sorted(known))}",
+            )
+    return section
+
+
+def _string(name: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(name, value, "use a string")
+    return value
+
+
+def _name(name: str, value: Any) -> str:
+    if not isinstance(value, str) or not _NAME.match(value):
+        raise ConfigError(
+            name, value, "use lowercase letters, digits and '-' (at most 63)"
+        )
+    return value
+
+
+def _bool(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(name, value, "use true or false")
+    return value
+
+
+def _int(name: str, value: Any, low: int, high: int) -> int:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int)
+        or not low <= value <= high
+    ):
+        raise ConfigError(name, value, f"use a whole number from {low} to {high}")
+    return value
+
+
+def _region(name: str, value: Any) -> str:
+    if not isinstance(value, str) or not re.match(r"^[a-z]{2}(-[a-z]+)+-\d$", value):
+        raise ConfigError(name, value, "use an AWS region name like 'eu-west-1'")
+    return value

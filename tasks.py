@@ -1,0 +1,222 @@
+"""nightshift's command line: `invoke --list` shows the tasks.
+
+Each task parses its options and calls the nightshift package; the logic
+lives there so that tests, CI and people run the same code.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+
+from invoke import Exit, task
+
+from nightshift import config as nsconfig
+from nightshift.runconfig import ConfigError
+
+CONFIG_HELP = "project file to read (default: nightshift.toml)"
+
+
+def _clean_errors(func):
+    """Turn the package's expected errors into one readable line and exit 2."""
+
+    @functools.wraps(func)
+    def wrapper(c, *args, **kwargs):
+        from nightshift.errors import NightshiftError
+
+        try:
+            return func(c, *args, **kwargs)
+        except ConfigError as err:
+            raise Exit(f"nightshift: configuration error: {err}", code=2) from None
+        except NightshiftError as err:
+            raise Exit(f"nightshift: {err}", code=err.exit_code) from None
+        except KeyboardInterrupt:
+            raise Exit(
+                "nightshift: interrupted; everything this task started is stopped",
+                code=130,
+            ) from None
+
+    return wrapper
+
+
+def _load(path):
+    return nsconfig.load(path)
+
+
+@task(
+    help={"config": CONFIG_HELP, "json_output": "print JSON instead of TOML-like lines"}
+)
+@_clean_errors
+def config(c, config=None, json_output=False):
+    """Show the resolved configuration and the run configuration it makes."""
+    cfg = _load(config)
+    resolved = {
+        "project": cfg.as_dict(),
+        "run_configuration": cfg.run_config().to_dict(),
+    }
+    if json_output:
+        print(json.dumps(resolved, indent=2, sort_keys=True))
+        return
+    from nightshift.report import show_config
+
+    show_config(resolved, out=sys.stdout)
+
+
+@task(
+    help={"config": CONFIG_HELP, "force": "rebuild even when the cached one is current"}
+)
+@_clean_errors
+def base_image(c, config=None, force=False):
+    """Build the local Debian 12 base disk (debootstrap), cached by its inputs."""
+    from nightshift import baseimage
+
+    base = baseimage.ensure(_load(config), force=force)
+    print(f"base image: {base.disk}")
+
+
+@task(
+    help={
+        "config": CONFIG_HELP,
+        "target": "local (default: a qemu disk image) or aws (an AMI, Packer 1.10+)",
+        "accelerator": "tcg or kvm for the local target (default: nightshift.toml)",
+        "warm_cache": "pull the job image into the image at bake time",
+    }
+)
+@_clean_errors
+def bake_ami(c, config=None, target="local", accelerator=None, warm_cache=False):
+    """Bake the job-runner image with Packer and Ansible; print what it made."""
+    from nightshift import bake
+
+    product = bake.bake(
+        _load(config), target=target, accelerator=accelerator, warm_cache=warm_cache
+    )
+    print(f"baked: {product}")
+
+
+@task(help={"config": CONFIG_HELP})
+@_clean_errors
+def images(c, config=None):
+    """List the local images, newest first (name, path, created, source)."""
+    from nightshift import bake
+
+    bake.print_images(_load(config), out=sys.stdout)
+
+
+@task(help={"config": CONFIG_HELP})
+@_clean_errors
+def job_image(c, config=None):
+    """Build the job image, tag it with the git revision and latest, push it."""
+    from nightshift import jobimage, services
+
+    cfg = _load(config)
+    with services.docker_engine(cfg) as client, services.registry(cfg):
+        pushed = jobimage.build_and_push(cfg, client)
+    print(f"pushed: {', '.join(pushed.tags)} ({pushed.digest})")
+
+
+@task(
+    help={
+        "config": CONFIG_HELP,
+        "target": "local (default); aws runs go through `invoke run-now`",
+        "image": "local image name to boot (default: the newest complete one)",
+        "env": "extra job environment, NAME=VALUE (repeatable)",
+        "max_run_time": "override job.max_run_time, e.g. 90s or 30m",
+        "accelerator": "tcg or kvm (default: nightshift.toml)",
+        "quiet": "show only the job's lines and the summary, not the whole console",
+    },
+    iterable=["env"],
+)
+@_clean_errors
+def run(
+    c, config=None, target="local", image=None, env=None, max_run_time=None,
+    accelerator=None, quiet=False,
+):  # fmt: skip
+    """Boot the newest local image, run the job once, print the summary."""
+    from nightshift import bake, localrun, services
+    from nightshift.runconfig import check_choice
+
+    check_choice("--target", target, ("local",))
+    cfg = _load(config)
+    overrides = {}
+    if env:
+        pairs = dict(item.partition("=")[::2] for item in env)
+        overrides["environment"] = {**cfg.job_settings.environment, **pairs}
+    if max_run_time:
+        overrides["max_run_seconds"] = max_run_time
+    run_config = cfg.run_config(**overrides)
+    chosen = bake.newest_local_image(cfg, name=image)
+    with services.registry(cfg):
+        summary = localrun.run(
+            cfg, chosen.boot_image(), run_config,
+            accelerator=accelerator, verbose=not quiet,
+        )  # fmt: skip
+    localrun.print_summary(summary, sys.stdout)
+    if not summary.ok:
+        raise localrun.RunFailed(f"the run ended {summary.outcome}")
+
+
+@task(
+    help={
+        "config": CONFIG_HELP,
+        "accelerator": "tcg or kvm (default: nightshift.toml)",
+    }
+)
+@_clean_errors
+def demo(c, config=None, accelerator=None):
+    """The whole local pipeline: base image, bake, job image, run, summary."""
+    from nightshift.demo import demo as run_demo
+
+    run_demo(_load(config), accelerator=accelerator)
+
+
+@task(
+    help={
+        "fast": "skip the tests that boot VMs (marker `vm`)",
+        "pytest_args": "extra arguments for pytest, e.g. '-k config'",
+    }
+)
+def test(c, fast=False, pytest_args=""):
+    """Run the linters and the test suite (what CI runs)."""
+    marker = "-m 'not vm'" if fast else ""
+    c.run(f"{sys.executable} -m pytest {marker} {pytest_args}", pty=False)
+
+
+@task(
+    help={
+        "config": CONFIG_HELP,
+        "launch_template": "launch template id (lt-...); the deploy will provide it",
+        "image_parameter": "SSM parameter with the promoted AMI id (default: newest)",
+        "endpoint_url": "AWS endpoint, e.g. a moto server (default: aws.endpoint_url)",
+        "image": "job image reference for the run (default: [job] image)",
+        "dry_run": "ask EC2 with DryRun=True and launch nothing (default: on)",
+    }
+)
+@_clean_errors
+def launch(
+    c, config=None, launch_template=None, image_parameter="", endpoint_url=None,
+    image=None, dry_run=True,
+):  # fmt: skip
+    """Run the launcher's logic from here: show what it would launch now."""
+    from nightshift import launch as nslaunch
+
+    cfg = _load(config)
+    if not launch_template:
+        raise Exit(
+            "nightshift: --launch-template: pass the launch template id (lt-...)", 2
+        )
+    outcome = nslaunch.launch(
+        project=cfg.project,
+        job=cfg.job,
+        launch_template_id=launch_template,
+        run_config=cfg.run_config(image=image),
+        region=cfg.aws.region,
+        endpoint_url=endpoint_url or cfg.aws.endpoint_url or None,
+        image_parameter=image_parameter,
+        subnet_ids=cfg.aws.subnets,
+        instance_types=cfg.aws.instance_types,
+        spot=cfg.aws.spot,
+        overlap_policy=cfg.aws.overlap_policy,
+        dry_run=dry_run,
+    )
+    print(nslaunch.describe(outcome))

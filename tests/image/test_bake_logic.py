@@ -1,0 +1,248 @@
+"""nightshift.bake without a VM: version gates, input checks, the manifest."""
+
+from __future__ import annotations
+
+import io
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from nightshift import bake
+from nightshift import config as nsconfig
+from nightshift.errors import NightshiftError
+from nightshift.runconfig import ConfigError
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def cfg(tmp_path) -> nsconfig.Config:
+    """The project's settings with build output in a temporary folder."""
+    return nsconfig.parse({"local": {"build_dir": str(tmp_path / "build")}}, root=ROOT)
+
+
+@pytest.fixture
+def no_external_commands(monkeypatch):
+    """Fail the test if the bake reaches Packer, ssh-keygen or the base build."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"an external step ran: {args}")
+
+    monkeypatch.setattr(bake, "_run", refuse)
+    monkeypatch.setattr(bake.baseimage, "ensure", refuse)
+
+
+@pytest.mark.parametrize(
+    ("text", "version"),
+    [
+        ("Packer v1.6.6\n", (1, 6, 6)),
+        ("Packer v1.11.2\n\nYour version of Packer is out of date!", (1, 11, 2)),
+        ("1.10.0", (1, 10, 0)),
+    ],
+)
+def test_parse_version(text, version):
+    """`packer version` output of old and new releases."""
+    assert bake.parse_version(text) == version
+
+
+def test_parse_version_rejects_garbage():
+    """Output without a version is a clear error, not a crash."""
+    with pytest.raises(NightshiftError, match="cannot read a Packer version"):
+        bake.parse_version("command not found")
+
+
+def test_legacy_packer_gets_a_staged_directory(cfg):
+    """Packer 1.6.6 builds from a copy under build/, not from packer/."""
+    directory = bake.template_dir(cfg, (1, 6, 6), "local")
+
+    assert directory == cfg.build_dir / "packer-legacy"
+    assert not (directory / "plugins.pkr.hcl").exists()
+    assert (directory / "source-local.pkr.hcl").exists()
+
+
+@pytest.mark.parametrize("version", [(1, 10, 0), (1, 11, 2)])
+def test_modern_packer_builds_the_template_itself(cfg, version):
+    """Packer 1.10+ loads packer/ as it is, for both targets."""
+    assert bake.template_dir(cfg, version, "local") == ROOT / "packer"
+    assert bake.template_dir(cfg, version, "aws") == ROOT / "packer"
+
+
+@pytest.mark.parametrize("version", [(1, 6, 6), (1, 8, 7), (1, 9, 4)])
+def test_aws_target_needs_modern_packer(cfg, version):
+    """An AMI bake on old Packer says which version and step it needs."""
+    with pytest.raises(NightshiftError, match=r"Packer >= 1\.10 with `packer init`"):
+        bake.template_dir(cfg, version, "aws")
+
+
+def test_installed_legacy_packer_refuses_aws_before_anything_runs(
+    cfg, no_external_commands
+):
+    """With Debian's Packer, --target aws stops before any command or VM."""
+    if bake.packer_version() >= bake.AWS_PACKER:
+        pytest.skip("this Packer can bake AMIs")
+    with pytest.raises(NightshiftError, match="--target aws needs Packer >= 1.10"):
+        bake.bake(cfg, target="aws")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"accelerator": "foo"}, "accelerator"),
+        ({"target": "gcp"}, "target"),
+    ],
+)
+def test_bad_option_fails_before_any_command(cfg, no_external_commands, kwargs, field):
+    """A wrong option names itself and the allowed values; nothing starts."""
+    with pytest.raises(ConfigError) as caught:
+        bake.bake(cfg, **kwargs)
+
+    assert caught.value.field == field
+    assert "use one of" in str(caught.value)
+
+
+def test_bad_architecture_fails_with_its_name():
+    """architecture=sparc is stopped in Python before Packer sees it."""
+    with pytest.raises(ConfigError, match="architecture: 'sparc'.*amd64, arm64"):
+        bake.check_variables({"accelerator": "tcg", "architecture": "sparc"})
+
+
+def test_missing_base_file_is_named(tmp_path):
+    """A variable pointing at a missing file says which and how to make it."""
+    with pytest.raises(ConfigError, match="base_disk.*invoke base-image"):
+        bake.check_variables(
+            {
+                "accelerator": "tcg",
+                "architecture": "amd64",
+                "base_disk": str(tmp_path / "missing.qcow2"),
+            }
+        )
+
+
+def test_warm_cache_is_not_yet_supported(cfg, no_external_commands):
+    """--warm-cache says so instead of silently baking without it."""
+    with pytest.raises(NightshiftError, match="not yet supported"):
+        bake.bake(cfg, warm_cache=True)
+
+
+# --- the manifest ---
+
+
+def _write_manifest(cfg, entries):
+    images = cfg.build_dir / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    builds = []
+    for name, created, complete, project in entries:
+        folder = images / name
+        folder.mkdir()
+        files = ("disk.qcow2", "vmlinuz", "initrd.img") if complete else ("disk.qcow2",)
+        for file in files:
+            (folder / file).write_bytes(b"x")
+        builds.append(
+            {
+                "name": "local",
+                "builder_type": "qemu",
+                "artifact_id": "VM",
+                "files": [{"name": str(folder / "disk.qcow2"), "size": 1}],
+                "custom_data": {
+                    "name": name,
+                    "created": created,
+                    "source": "debian-12-base:abc",
+                    "git_revision": "1234abcd",
+                    "target": "local",
+                    "project": project,
+                    "job": "example",
+                },
+            }
+        )
+    builds.append({"name": "aws", "custom_data": {"name": "ami", "target": "aws"}})
+    bake.manifest_path(cfg).write_text(json.dumps({"builds": builds}))
+
+
+@pytest.fixture
+def three_images(cfg):
+    _write_manifest(
+        cfg,
+        [
+            ("nightshift-example-1", "2026-12-01T10:00:00Z", True, "nightshift"),
+            ("nightshift-example-3", "2026-12-03T10:00:00Z", False, "nightshift"),
+            ("other-example-4", "2026-12-04T10:00:00Z", True, "other"),
+            ("nightshift-example-2", "2026-12-02T10:00:00Z", True, "nightshift"),
+        ],
+    )
+    return cfg
+
+
+def test_list_images_newest_first_local_only(three_images):
+    """Local entries only, newest first, with their completeness."""
+    images = bake.list_images(three_images)
+
+    assert [image.name for image in images] == [
+        "other-example-4",
+        "nightshift-example-3",
+        "nightshift-example-2",
+        "nightshift-example-1",
+    ]
+    assert [image.complete for image in images] == [True, False, True, True]
+    assert images[0].created == datetime(2026, 12, 4, 10, tzinfo=UTC)
+
+
+def test_newest_local_image_follows_the_selection_rule(three_images):
+    """Newest complete image of this project and job: not 3 (incomplete), not 4."""
+    image = bake.newest_local_image(three_images)
+
+    assert image.name == "nightshift-example-2"
+    assert image.disk == three_images.build_dir / "images" / image.name / "disk.qcow2"
+    assert image.kernel.name == "vmlinuz"
+    assert image.initrd.name == "initrd.img"
+
+
+def test_newest_local_image_by_name(three_images):
+    """A name picks that image, even when a newer one exists."""
+    assert bake.newest_local_image(three_images, "nightshift-example-1").name == (
+        "nightshift-example-1"
+    )
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [("nightshift-example-3", "incomplete"), ("nope", "no local image named nope")],
+)
+def test_newest_local_image_by_bad_name(three_images, name, message):
+    with pytest.raises(NightshiftError, match=message):
+        bake.newest_local_image(three_images, name)
+
+
+def test_no_image_is_one_clear_error(cfg):
+    """Without a manifest the error names the filters and the fix."""
+    with pytest.raises(NightshiftError, match="no image qualifies.*invoke bake-ami"):
+        bake.newest_local_image(cfg)
+
+
+def test_print_images(three_images):
+    """One line per image: name, path, created, source; incomplete ones marked."""
+    out = io.StringIO()
+    bake.print_images(three_images, out)
+    lines = out.getvalue().splitlines()
+
+    assert len(lines) == 4
+    assert lines[0].startswith("other-example-4  ")
+    assert "2026-12-04T10:00:00+00:00" in lines[0]
+    assert "debian-12-base:abc" in lines[0]
+    assert "incomplete" in lines[1]
+
+
+def test_print_images_without_any(cfg):
+    out = io.StringIO()
+    bake.print_images(cfg, out)
+    assert "no local images" in out.getvalue()
+
+
+def test_local_image_converts_to_a_candidate(three_images):
+    candidate = bake.list_images(three_images)[1].to_candidate()
+    assert (candidate.image_id, candidate.complete, candidate.owner) == (
+        "nightshift-example-3",
+        False,
+        "self",
+    )

@@ -1,0 +1,118 @@
+"""Data and clients the launcher tests share (conftest holds the fixtures)."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from typing import Any
+
+import boto3
+from moto.core import DEFAULT_ACCOUNT_ID
+from moto.ec2.models import ec2_backends
+
+REGION = "eu-west-1"
+PROJECT = "nightshift"
+JOB = "example"
+ECR = f"{DEFAULT_ACCOUNT_ID}.dkr.ecr.{REGION}.amazonaws.com"
+# A scheduled event as an EventBridge rule delivers it.
+TICK = {
+    "version": "0",
+    "id": "5f8a7c2e-0000-4000-8000-000000000001",
+    "detail-type": "Scheduled Event",
+    "source": "aws.events",
+    "account": DEFAULT_ACCOUNT_ID,
+    "time": "2026-12-03T03:00:00Z",
+    "region": REGION,
+    "resources": ["arn:aws:events:eu-west-1:123456789012:rule/nightshift-example"],
+    "detail": {},
+}
+
+
+class Aws:
+    """Clients against the moto server, and a hand into its EC2 backend."""
+
+    def __init__(self, endpoint: str):
+        self.endpoint = endpoint
+        self.ec2 = boto3.client("ec2", region_name=REGION, endpoint_url=endpoint)
+        self.ssm = boto3.client("ssm", region_name=REGION, endpoint_url=endpoint)
+        self.sns = boto3.client("sns", region_name=REGION, endpoint_url=endpoint)
+        self.sqs = boto3.client("sqs", region_name=REGION, endpoint_url=endpoint)
+
+    @property
+    def backend(self):
+        return ec2_backends[DEFAULT_ACCOUNT_ID][REGION]
+
+    def image(
+        self,
+        created: str,
+        *,
+        project: str = PROJECT,
+        job: str = JOB,
+        state: str = "available",
+        owner: str | None = None,
+    ) -> str:
+        """Register an image, then set what the API cannot: date, state, owner."""
+        image_id = self.ec2.register_image(
+            Name=f"{project}-{job}-{created}",
+            RootDeviceName="/dev/xvda",
+            BlockDeviceMappings=[{"DeviceName": "/dev/xvda", "Ebs": {"VolumeSize": 8}}],
+        )["ImageId"]
+        self.ec2.create_tags(
+            Resources=[image_id],
+            Tags=[
+                {"Key": "nightshift:project", "Value": project},
+                {"Key": "nightshift:job", "Value": job},
+            ],
+        )
+        ami = self.backend.amis[image_id]
+        ami.creation_date = datetime.fromisoformat(created).replace(tzinfo=UTC)
+        ami.state = state
+        if owner:
+            ami.owner_id = owner
+        return image_id
+
+    def template(self) -> str:
+        return self.ec2.create_launch_template(
+            LaunchTemplateName=f"{PROJECT}-{JOB}",
+            LaunchTemplateData={"InstanceType": "t3.micro"},
+        )["LaunchTemplate"]["LaunchTemplateId"]
+
+    def subnets(self) -> list[str]:
+        subnets = self.ec2.describe_subnets()["Subnets"]
+        return sorted(s["SubnetId"] for s in subnets)
+
+    def topic_with_inbox(self) -> tuple[str, str]:
+        """An SNS topic with an SQS queue subscribed, to read what was published."""
+        topic = self.sns.create_topic(Name="nightshift-example")["TopicArn"]
+        queue = self.sqs.create_queue(QueueName="inbox")["QueueUrl"]
+        arn = self.sqs.get_queue_attributes(
+            QueueUrl=queue, AttributeNames=["QueueArn"]
+        )["Attributes"]["QueueArn"]
+        self.sns.subscribe(TopicArn=topic, Protocol="sqs", Endpoint=arn)
+        return topic, queue
+
+    def inbox(self, queue: str) -> list[dict[str, Any]]:
+        messages = self.sqs.receive_message(
+            QueueUrl=queue, MaxNumberOfMessages=10, WaitTimeSeconds=0
+        ).get("Messages", [])
+        return [json.loads(m["Body"]) for m in messages]
+
+    def instances(self, states=("pending", "running")) -> list[dict[str, Any]]:
+        pages = self.ec2.describe_instances(
+            Filters=[{"Name": "instance-state-name", "Values": list(states)}]
+        )["Reservations"]
+        return [i for r in pages for i in r["Instances"]]
+
+    def run_tagged(self, image_id: str, tags: dict[str, str]) -> str:
+        """An instance someone launched earlier, tagged as given."""
+        return self.ec2.run_instances(
+            ImageId=image_id,
+            MinCount=1,
+            MaxCount=1,
+            TagSpecifications=[
+                {
+                    "ResourceType": "instance",
+                    "Tags": [{"Key": k, "Value": v} for k, v in tags.items()],
+                }
+            ],
+        )["Instances"][0]["InstanceId"]

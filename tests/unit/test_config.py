@@ -1,0 +1,50 @@
+"""nightshift.toml: defaults, validation, and the run configuration it makes."""
+
+import pytest
+
+from nightshift import config
+from nightshift.runconfig import ConfigError
+
+
+def test_the_shipped_file_is_valid(repo_root):
+    cfg = config.load(repo_root / "nightshift.toml")
+    assert cfg.job == "example"
+    run = cfg.run_config()
+    assert run.image == "10.0.2.2:5000/nightshift/example:latest"
+    assert run.environment["ROWS"] == "400000"
+
+
+def test_missing_file_gives_defaults(tmp_path):
+    cfg = config.load(tmp_path / "absent.toml")
+    assert cfg.local.accelerator == "tcg"
+    assert cfg.job_settings.max_run_seconds == 3600
+
+
+@pytest.mark.parametrize(
+    ("toml", "field"),
+    [
+        ('[local]\naccelerator = "hvf"', "local.accelerator"),
+        ("[local]\nmemory_mb = 64", "local.memory_mb"),
+        ('[job]\nmax_run_time = "forever"', "job.max_run_time"),
+        ('[schedule]\ncron = "0 3 * * *"', "schedule.cron"),
+        ('[aws]\ninstance_types = ["huge"]', "aws.instance_types"),
+        ('[aws]\nregion = "mars"', "aws.region"),
+        ('[aws]\noverlap_policy = "queue"', "aws.overlap_policy"),
+        ('[project]\njob = "My Job"', "project.job"),
+        ("[jobs]\nx = 1", "jobs"),
+        ("[local]\nspeed = 1", "local.speed"),
+    ],
+)
+def test_bad_value_names_the_field(tmp_path, toml, field):
+    path = tmp_path / "nightshift.toml"
+    path.write_text(toml)
+    with pytest.raises(ConfigError) as caught:
+        config.load(path)
+    assert caught.value.field == field
+
+
+def test_broken_toml_is_one_clear_error(tmp_path):
+    path = tmp_path / "nightshift.toml"
+    path.write_text("[local\n")
+    with pytest.raises(ConfigError, match="TOML"):
+        config.load(path)
