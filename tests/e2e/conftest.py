@@ -1,0 +1,58 @@
+"""End-to-end fixtures: the baked local image, the job image in a real registry.
+
+Everything is real: the image is baked by Packer and Ansible (once, then
+cached by its inputs), the job image is built by a real Docker engine and
+served by a real registry on 127.0.0.1, and every run boots a qemu VM that
+must power itself off.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from nightshift import bake, config, jobimage, services
+
+NEEDED = {
+    "qemu-system-x86_64": "qemu-system-x86",
+    "qemu-img": "qemu-utils",
+    "packer": "packer",
+    "dockerd": "docker.io",
+    "docker-registry": "docker-registry",
+    "mmdebstrap": "mmdebstrap",
+}
+
+
+def _missing_tools() -> list[str]:
+    return [package for tool, package in NEEDED.items() if not shutil.which(tool)]
+
+
+@pytest.fixture(scope="session")
+def e2e_cfg(repo_root: Path) -> config.Config:
+    missing = _missing_tools()
+    if missing:
+        pytest.skip(
+            f"needs {', '.join(missing)}: run ./bootstrap test, or "
+            f"apt-get install {' '.join(missing)}"
+        )
+    return config.load(repo_root / "nightshift.toml")
+
+
+@pytest.fixture(scope="session")
+def baked(e2e_cfg):
+    """The newest local image, baked now if its inputs changed."""
+    return bake.ensure_local_image(e2e_cfg)
+
+
+@pytest.fixture(scope="session")
+def registry(e2e_cfg):
+    with services.docker_engine(e2e_cfg) as client, services.registry(e2e_cfg) as reg:
+        yield client, reg
+
+
+@pytest.fixture(scope="session")
+def job_pushed(e2e_cfg, registry):
+    client, reg = registry
+    return jobimage.build_and_push(e2e_cfg, client, reg)

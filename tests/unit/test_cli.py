@@ -1,0 +1,61 @@
+"""The tasks as a user meets them: a wrong value is one clear line, nothing starts."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def invoke(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "invoke", "--search-root", str(ROOT), *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+@pytest.mark.parametrize(
+    ("section", "setting", "field"),
+    [
+        ("local", 'accelerator = "hvf"', "local.accelerator"),
+        ("job", 'max_run_time = "forever"', "job.max_run_time"),
+        ("job.environment", '"BAD NAME" = "1"', "job.environment.BAD NAME"),
+        ("job", 'image = "Not An Image"', "job.image"),
+    ],
+)
+@pytest.mark.parametrize("task", ["run", "demo", "bake-ami", "config"])
+def test_wrong_value_is_one_line_and_starts_nothing(
+    tmp_path, section, setting, field, task
+):
+    build = tmp_path / "build"
+    sections = {"local": [f'build_dir = "{build}"'], section: []}
+    sections[section].append(setting)
+    path = tmp_path / "nightshift.toml"
+    path.write_text(
+        "".join(
+            f"[{name}]\n" + "\n".join(lines) + "\n" for name, lines in sections.items()
+        )
+    )
+
+    done = invoke(task, "--config", str(path))
+
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith(f"nightshift: configuration error: {field}: ")
+    assert "Traceback" not in done.stdout + done.stderr
+    # Nothing was built or booted: the build folder was never made.
+    assert not build.exists()
+
+
+def test_bad_option_value_is_named():
+    done = invoke("run", "--target", "gcp")
+    assert done.returncode == 2
+    assert "--target: 'gcp' is not valid; use one of: local" in done.stderr
