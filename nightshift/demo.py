@@ -41,7 +41,9 @@ class Steps:
         return time.monotonic() - self.started
 
 
-def demo(cfg: Config, *, accelerator: str | None = None, out: TextIO = sys.stdout) -> Summary:
+def demo(
+    cfg: Config, *, accelerator: str | None = None, out: TextIO = sys.stdout
+) -> Summary:
     """Run every step; raise RunFailed when the job did not succeed."""
     steps = Steps(out)
     with steps.step("base image (debootstrap, cached)"):
@@ -55,7 +57,9 @@ def demo(cfg: Config, *, accelerator: str | None = None, out: TextIO = sys.stdou
             pushed = jobimage.build_and_push(cfg, client)
             out.write(f"    {', '.join(pushed.tags)}\n    {pushed.digest}\n")
         with steps.step("run the job in a VM that powers itself off"):
-            summary = localrun.run(cfg, image.boot_image(), accelerator=accelerator, out=out)
+            summary = localrun.run(
+                cfg, image.boot_image(), accelerator=accelerator, out=out
+            )
     localrun.print_summary(summary, out)
     out.write("\nsteps:\n")
     for title, took in steps.times:

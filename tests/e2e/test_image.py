@@ -166,11 +166,10 @@ def test_machine_id_and_host_keys_are_made_at_boot(host):
 
 
 def test_no_secrets_on_disk(host):
-    """No private key but the host keys made at this boot, no AWS keys, no registry token."""
-    found = host.run(
-        'grep -rlsE \'PRIVATE KEY-----|aws_secret_access_key|"auth": *"\' '
-        "/root /home /etc /usr/lib/nightshift /var/lib/nightshift | grep -v '^/etc/ssh/ssh_host_'"
-    )
+    """No private key but this boot's host keys, no AWS keys, no registry token."""
+    pattern = 'PRIVATE KEY-----|aws_secret_access_key|"auth": *"'
+    places = "/root /home /etc /usr/lib/nightshift /var/lib/nightshift"
+    found = host.run(f"grep -rlsE '{pattern}' {places} | grep -v '^/etc/ssh/ssh_host_'")
     assert found.stdout.strip() == ""
 
 
