@@ -148,7 +148,7 @@ def run(
     chosen = bake.newest_local_image(cfg, name=image)
     with services.registry(cfg):
         summary = localrun.run(
-            cfg, chosen.boot_image(), run_config,
+            cfg, chosen, run_config,
             accelerator=accelerator, verbose=not quiet,
         )  # fmt: skip
     localrun.print_summary(summary, sys.stdout)

@@ -10,6 +10,7 @@ launcher uses for AMIs (nightshift.selection).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -32,6 +33,8 @@ TARGETS = ("local", "aws")
 TEMPLATE_DIR = "packer"
 PLAYBOOK = "ansible/playbook.yml"
 ROLES = ("nightshift", "nightshift_cleanup")
+# The agent's modules that the role copies into the image.
+AGENT_FILES = ("__init__.py", "runconfig.py", "agent.py")
 # Packer 1.7 brought `packer init` and required_plugins; below it, the
 # template must be staged without them.
 MODERN_PACKER = (1, 7, 0)
@@ -60,6 +63,7 @@ class LocalImage:
     project: str
     job: str
     git_revision: str = ""
+    inputs_key: str = ""
 
     @property
     def disk(self) -> Path:
@@ -178,6 +182,7 @@ def packer_variables(
         "project": cfg.project,
         "job": cfg.job,
         "git_revision": git_revision,
+        "inputs_key": inputs_key(cfg, base) if base else "",
         "build_dir": str(cfg.build_dir),
         "architecture": cfg.aws.architecture if target == "aws" else "amd64",
         "accelerator": accelerator,
@@ -285,6 +290,40 @@ def bake(
             "fetch of /vmlinuz and /initrd.img did not run"
         )
     return f"{image.name} at {image.directory} ({seconds} s)"
+
+
+def inputs_key(cfg: Config, base: baseimage.BaseImage) -> str:
+    """A hash of everything a local bake reads: same key, same image."""
+    digest = hashlib.sha256()
+    digest.update(
+        f"{cfg.project}/{cfg.job}/{cfg.local.registry_port}/{base.key}".encode()
+    )
+    files = sorted(
+        [
+            *(cfg.root / TEMPLATE_DIR).glob("*.pkr.hcl"),
+            *(cfg.root / "ansible").rglob("*"),
+        ]
+        + [cfg.root / "nightshift" / name for name in AGENT_FILES]
+    )
+    for path in files:
+        if path.is_file():
+            digest.update(str(path.relative_to(cfg.root)).encode() + b"\0")
+            digest.update(path.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
+
+
+def ensure_local_image(cfg: Config, *, accelerator: str | None = None) -> LocalImage:
+    """The newest local image baked from the current inputs; bake one if none is."""
+    base = baseimage.ensure(cfg)
+    key = inputs_key(cfg, base)
+    for image in list_images(cfg):
+        if image.inputs_key == key and image.complete:
+            print(
+                f"reusing {image.name}: baked from the same inputs ({key})", flush=True
+            )
+            return image
+    bake(cfg, target="local", accelerator=accelerator)
+    return newest_local_image(cfg)
 
 
 def git_revision(root: Path) -> str:
@@ -451,6 +490,7 @@ def _local_image(cfg: Config, entry: dict) -> LocalImage:
         project=data.get("project", ""),
         job=data.get("job", ""),
         git_revision=data.get("git_revision", ""),
+        inputs_key=data.get("inputs_key", ""),
     )
 
 

@@ -57,9 +57,7 @@ def demo(
             pushed = jobimage.build_and_push(cfg, client)
             out.write(f"    {', '.join(pushed.tags)}\n    {pushed.digest}\n")
         with steps.step("run the job in a VM that powers itself off"):
-            summary = localrun.run(
-                cfg, image.boot_image(), accelerator=accelerator, out=out
-            )
+            summary = localrun.run(cfg, image, accelerator=accelerator, out=out)
     localrun.print_summary(summary, out)
     out.write("\nsteps:\n")
     for title, took in steps.times:

@@ -38,6 +38,7 @@ build {
       created      = local.build_time
       source       = local.source_image[source.name]
       git_revision = var.git_revision
+      inputs_key   = var.inputs_key
       target       = source.name
       project      = var.project
       job          = var.job

@@ -31,6 +31,12 @@ variable "git_revision" {
   description = "Revision of this repository the image is baked from (provenance tag)."
 }
 
+variable "inputs_key" {
+  type        = string
+  default     = ""
+  description = "Hash of everything the bake reads (template, playbook, roles, agent, base); a later bake with the same key reuses this image."
+}
+
 variable "build_dir" {
   type        = string
   default     = "build"

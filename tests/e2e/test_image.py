@@ -54,7 +54,7 @@ def ssh_key(tmp_path_factory) -> Path:
 def maintenance_vm(e2e_cfg, baked, ssh_key, tmp_path_factory):
     vm = localrun.VM(
         e2e_cfg,
-        baked.boot_image(),
+        baked,
         e2e_cfg.run_config(),
         tmp_path_factory.mktemp("maintenance"),
         maintenance=True,

@@ -19,7 +19,7 @@ def run(cfg, baked, **overrides):
     out = io.StringIO()
     environment = {**SMALL, **overrides.pop("environment", {})}
     run_config = cfg.run_config(environment=environment, **overrides)
-    summary = localrun.run(cfg, baked.boot_image(), run_config, out=out)
+    summary = localrun.run(cfg, baked, run_config, out=out)
     # On failure pytest shows what the console said.
     print(out.getvalue())
     return summary

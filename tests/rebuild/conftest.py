@@ -1,0 +1,91 @@
+"""Fixtures for the rebuild tests: moto on 127.0.0.1, and a stand-in instance.
+
+The promotion tests run against a real moto server; the instance side of a
+smoke run is played by a thread that does what the booted image does: read
+its user data, publish its run record with nightshift.agent's own code, and
+terminate.  The retention tests use mock_aws in-process.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+import requests
+from moto.server import ThreadedMotoServer
+from rebuild_support import REGION, Aws
+
+
+@pytest.fixture(autouse=True)
+def fake_credentials(monkeypatch):
+    """Fake credentials, so nothing here can reach a real account."""
+    for name in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", REGION)
+    monkeypatch.setenv("AWS_REGION", REGION)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def moto_server():
+    """moto's HTTP server on a free loopback port, for the whole session."""
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def endpoint(moto_server, fake_credentials, monkeypatch):
+    """A fresh moto; clients made without an endpoint (the agent's) go there too."""
+    requests.post(f"{moto_server}/moto-api/reset", timeout=10).raise_for_status()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_server)
+    return moto_server
+
+
+@pytest.fixture
+def aws(endpoint) -> Aws:
+    return Aws(endpoint)
+
+
+class _Imds(BaseHTTPRequestHandler):
+    """Just enough IMDSv2 for the agent's report: a token and the instance id."""
+
+    documents: dict[str, bytes] = {}
+
+    def do_PUT(self):  # noqa: N802 (http.server's naming)
+        self._answer(b"token" if self.path == "/latest/api/token" else None)
+
+    def do_GET(self):  # noqa: N802
+        self._answer(self.documents.get(self.path))
+
+    def _answer(self, body: bytes | None) -> None:
+        self.send_response(200 if body is not None else 404)
+        self.end_headers()
+        self.wfile.write(body or b"")
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def imds():
+    """An IMDS stand-in on 127.0.0.1; the test sets the documents it serves."""
+    documents: dict[str, bytes] = {}
+    handler = type("Imds", (_Imds,), {"documents": documents})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", documents
+    server.shutdown()
+    server.server_close()
