@@ -10,6 +10,7 @@ launcher uses for AMIs (nightshift.selection).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -24,7 +25,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import TextIO
 
-from nightshift import baseimage, selection
+from nightshift import baseimage, selection, services
 from nightshift.config import ACCELERATORS, ARCHITECTURES, Config
 from nightshift.errors import NightshiftError, ToolMissing
 from nightshift.runconfig import ConfigError, check_choice
@@ -177,12 +178,14 @@ def packer_variables(
     base: baseimage.BaseImage | None,
     key_dir: Path | None,
     git_revision: str,
+    warm_image: str = "",
 ) -> dict[str, str]:
     variables = {
         "project": cfg.project,
         "job": cfg.job,
         "git_revision": git_revision,
-        "inputs_key": inputs_key(cfg, base) if base else "",
+        "inputs_key": inputs_key(cfg, base, warm_image) if base else "",
+        "warm_image": warm_image,
         "build_dir": str(cfg.build_dir),
         "architecture": cfg.aws.architecture if target == "aws" else "amd64",
         "accelerator": accelerator,
@@ -224,10 +227,10 @@ def bake(
     accelerator = check_choice(
         "accelerator", accelerator or cfg.local.accelerator, ACCELERATORS
     )
-    if warm_cache:
+    if warm_cache and target == "aws":
         raise NightshiftError(
-            "--warm-cache is not yet supported; bake without it (the job image "
-            "is pulled at boot)"
+            "--warm-cache works for the local target only so far; bake the AMI "
+            "without it (the job image is pulled at boot)"
         )
     if (
         target == "local"
@@ -240,9 +243,16 @@ def bake(
     directory = template_dir(cfg, version, target)
     _check_inputs(cfg, target)
 
-    base = baseimage.ensure(cfg) if target == "local" else None
-    key_dir = _new_key_dir(cfg) if target == "local" else None
-    try:
+    with contextlib.ExitStack() as stack:
+        if warm_cache:
+            # The bake VM pulls from the local registry, as a run would; the
+            # job image must be there before any VM starts.
+            stack.enter_context(services.registry(cfg))
+            if not cfg.job_settings.image:
+                services.manifest_digest(cfg.local_registry, cfg.repository, "latest")
+        base = baseimage.ensure(cfg) if target == "local" else None
+        key_dir = _new_key_dir(cfg) if target == "local" else None
+        stack.callback(lambda: key_dir and shutil.rmtree(key_dir, ignore_errors=True))
         variables = packer_variables(
             cfg,
             target=target,
@@ -250,6 +260,7 @@ def bake(
             base=base,
             key_dir=key_dir,
             git_revision=git_revision(cfg.root),
+            warm_image=cfg.local_image() if warm_cache else "",
         )
         (cfg.build_dir / "logs").mkdir(parents=True, exist_ok=True)
         env = _packer_env(cfg)
@@ -276,9 +287,6 @@ def bake(
             ),
         )
         seconds = round(time.monotonic() - started, 1)
-    finally:
-        if key_dir:
-            shutil.rmtree(key_dir, ignore_errors=True)
 
     entry = _last_build(cfg)
     if target == "aws":
@@ -292,12 +300,15 @@ def bake(
     return f"{image.name} at {image.directory} ({seconds} s)"
 
 
-def inputs_key(cfg: Config, base: baseimage.BaseImage) -> str:
-    """A hash of everything a local bake reads: same key, same image."""
+def inputs_key(cfg: Config, base: baseimage.BaseImage, warm_image: str = "") -> str:
+    """A hash of everything a local bake reads: same key, same image.
+
+    A warm image counts by its reference only: a newer job image makes a run
+    pull a few more layers, not a new bake.
+    """
     digest = hashlib.sha256()
-    digest.update(
-        f"{cfg.project}/{cfg.job}/{cfg.local.registry_port}/{base.key}".encode()
-    )
+    names = (cfg.project, cfg.job, cfg.local.registry_port, base.key, warm_image)
+    digest.update("/".join(map(str, names)).encode())
     files = sorted(
         [
             *(cfg.root / TEMPLATE_DIR).glob("*.pkr.hcl"),
@@ -312,17 +323,19 @@ def inputs_key(cfg: Config, base: baseimage.BaseImage) -> str:
     return digest.hexdigest()[:16]
 
 
-def ensure_local_image(cfg: Config, *, accelerator: str | None = None) -> LocalImage:
+def ensure_local_image(
+    cfg: Config, *, accelerator: str | None = None, warm_cache: bool = False
+) -> LocalImage:
     """The newest local image baked from the current inputs; bake one if none is."""
     base = baseimage.ensure(cfg)
-    key = inputs_key(cfg, base)
+    key = inputs_key(cfg, base, cfg.local_image() if warm_cache else "")
     for image in list_images(cfg):
         if image.inputs_key == key and image.complete:
             print(
                 f"reusing {image.name}: baked from the same inputs ({key})", flush=True
             )
             return image
-    bake(cfg, target="local", accelerator=accelerator)
+    bake(cfg, target="local", accelerator=accelerator, warm_cache=warm_cache)
     return newest_local_image(cfg)
 
 

@@ -49,13 +49,18 @@ def demo(
     with steps.step("base image (debootstrap, cached)"):
         base = baseimage.ensure(cfg)
         out.write(f"    {base.disk}\n")
-    with steps.step("bake the image (Packer + Ansible, cached by its inputs)"):
-        image = bake.ensure_local_image(cfg, accelerator=accelerator)
-        out.write(f"    {image.name}: {image.disk}\n")
-    with services.docker_engine(cfg) as client, services.registry(cfg):
+    with services.registry(cfg):
         with steps.step("job image (build and push to the local registry)"):
-            pushed = jobimage.build_and_push(cfg, client)
+            with services.docker_engine(cfg) as client:
+                pushed = jobimage.build_and_push(cfg, client)
             out.write(f"    {', '.join(pushed.tags)}\n    {pushed.digest}\n")
+        with steps.step("bake the image (Packer + Ansible, cached by its inputs)"):
+            # Warm cache: the job's layers go into the image, so a run pulls
+            # only what changed since the bake.
+            image = bake.ensure_local_image(
+                cfg, accelerator=accelerator, warm_cache=True
+            )
+            out.write(f"    {image.name}: {image.disk}\n")
         with steps.step("run the job in a VM that powers itself off"):
             summary = localrun.run(cfg, image, accelerator=accelerator, out=out)
     localrun.print_summary(summary, out)

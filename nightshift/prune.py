@@ -238,6 +238,10 @@ def plan_amis(
         "the pointer, a launch template or an instance",
     )
 
+    for decision in decisions:
+        if decision.remove and states[decision.image_id] == "failed":
+            decision.reasons.append("its bake failed (state failed)")
+
     # Never delete a snapshot that an image we keep (of any job) still uses.
     removing = {d.image_id for d in decisions if d.remove}
     everything = _pages(ec2, "describe_images", "Images", Owners=["self"])

@@ -22,6 +22,7 @@ build {
         nightshift_registry          = local.registry[source.name]
         nightshift_registry_insecure = source.name == "local"
         nightshift_boot_dir          = abspath(local.output_directory)
+        nightshift_warm_image        = var.warm_image
       }),
     ]
     ansible_env_vars = [

@@ -31,6 +31,12 @@ variable "git_revision" {
   description = "Revision of this repository the image is baked from (provenance tag)."
 }
 
+variable "warm_image" {
+  type        = string
+  default     = ""
+  description = "Job image to pull into the image at bake time (warm layer cache), as the machine reaches it; empty: none."
+}
+
 variable "inputs_key" {
   type        = string
   default     = ""

@@ -41,9 +41,9 @@ def e2e_cfg(repo_root: Path) -> config.Config:
 
 
 @pytest.fixture(scope="session")
-def baked(e2e_cfg):
-    """The newest local image, baked now if its inputs changed."""
-    return bake.ensure_local_image(e2e_cfg)
+def baked(e2e_cfg, job_pushed):
+    """The newest local image with the job's layers in it, baked if inputs changed."""
+    return bake.ensure_local_image(e2e_cfg, warm_cache=True)
 
 
 @pytest.fixture(scope="session")

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
+import socket
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
-from nightshift import bake
+from nightshift import bake, services
 from nightshift import config as nsconfig
 from nightshift.errors import NightshiftError
 from nightshift.runconfig import ConfigError
@@ -120,10 +122,26 @@ def test_missing_base_file_is_named(tmp_path):
         )
 
 
-def test_warm_cache_is_not_yet_supported(cfg, no_external_commands):
-    """--warm-cache says so instead of silently baking without it."""
-    with pytest.raises(NightshiftError, match="not yet supported"):
-        bake.bake(cfg, warm_cache=True)
+def test_warm_cache_is_refused_for_aws(cfg, no_external_commands):
+    """--warm-cache --target aws says so instead of baking without it."""
+    with pytest.raises(NightshiftError, match="local target only"):
+        bake.bake(cfg, target="aws", warm_cache=True)
+
+
+def test_warm_cache_needs_the_job_image_before_any_vm(tmp_path, no_external_commands):
+    """With an empty registry the bake stops at once and says what to run."""
+    if not shutil.which("docker-registry"):
+        pytest.skip("docker-registry is missing: apt-get install docker-registry")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    empty = nsconfig.parse(
+        {"local": {"registry_port": port, "build_dir": str(tmp_path / "build")}},
+        root=ROOT,
+    )
+    with pytest.raises(NightshiftError, match="invoke job-image"):
+        bake.bake(empty, warm_cache=True)
+    assert not services.registry_answers(port), "the bake left its registry running"
 
 
 # --- the manifest ---
