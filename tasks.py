@@ -134,16 +134,19 @@ def run(
 ):  # fmt: skip
     """Boot the newest local image, run the job once, print the summary."""
     from nightshift import bake, localrun, services
-    from nightshift.runconfig import check_choice
+    from nightshift.runconfig import check_choice, parse_duration
 
     check_choice("--target", target, ("local",))
     cfg = _load(config)
     overrides = {}
     if env:
-        pairs = dict(item.partition("=")[::2] for item in env)
+        for item in env:
+            if "=" not in item:
+                raise ConfigError("--env", item, "use NAME=VALUE")
+        pairs = dict(item.split("=", 1) for item in env)
         overrides["environment"] = {**cfg.job_settings.environment, **pairs}
     if max_run_time:
-        overrides["max_run_seconds"] = max_run_time
+        overrides["max_run_seconds"] = parse_duration("--max-run-time", max_run_time)
     run_config = cfg.run_config(**overrides)
     chosen = bake.newest_local_image(cfg, name=image)
     with services.registry(cfg):

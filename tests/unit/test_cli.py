@@ -59,3 +59,18 @@ def test_bad_option_value_is_named():
     done = invoke("run", "--target", "gcp")
     assert done.returncode == 2
     assert "--target: 'gcp' is not valid; use one of: local" in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--env", "ROWS"], "--env: 'ROWS' is not valid; use NAME=VALUE"),
+        (["--env", "1X=2"], "environment.1X: '1X' is not valid"),
+        (["--max-run-time", "soon"], "--max-run-time: 'soon' is not valid"),
+    ],
+)
+def test_bad_run_option_is_named(args, message):
+    done = invoke("run", *args)
+    assert done.returncode == 2
+    assert message in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
