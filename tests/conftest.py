@@ -1,8 +1,20 @@
-"""Shared fixtures: the repository root and the project configuration."""
+"""Shared fixtures: the repository root, and for tests that boot VMs the baked
+local image and the job image in a real registry.
 
+Everything there is real: the image is baked by Packer and Ansible (once,
+then cached by its inputs), the job image is built by a real Docker engine
+and served by a real registry on 127.0.0.1, and every run boots a qemu VM
+that must power itself off.
+"""
+
+from __future__ import annotations
+
+import shutil
 from pathlib import Path
 
 import pytest
+
+from nightshift import bake, config, jobimage, services
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -10,3 +22,46 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return ROOT
+
+
+NEEDED = {
+    "qemu-system-x86_64": "qemu-system-x86",
+    "qemu-img": "qemu-utils",
+    "packer": "packer",
+    "dockerd": "docker.io",
+    "docker-registry": "docker-registry",
+    "mmdebstrap": "mmdebstrap",
+}
+
+
+def _missing_tools() -> list[str]:
+    return [package for tool, package in NEEDED.items() if not shutil.which(tool)]
+
+
+@pytest.fixture(scope="session")
+def e2e_cfg(repo_root: Path) -> config.Config:
+    missing = _missing_tools()
+    if missing:
+        pytest.skip(
+            f"needs {', '.join(missing)}: run ./bootstrap test, or "
+            f"apt-get install {' '.join(missing)}"
+        )
+    return config.load(repo_root / "nightshift.toml")
+
+
+@pytest.fixture(scope="session")
+def baked(e2e_cfg, job_pushed):
+    """The newest local image with the job's layers in it, baked if inputs changed."""
+    return bake.ensure_local_image(e2e_cfg, warm_cache=True)
+
+
+@pytest.fixture(scope="session")
+def registry(e2e_cfg):
+    with services.docker_engine(e2e_cfg) as client, services.registry(e2e_cfg) as reg:
+        yield client, reg
+
+
+@pytest.fixture(scope="session")
+def job_pushed(e2e_cfg, registry):
+    client, reg = registry
+    return jobimage.build_and_push(e2e_cfg, client, reg)

@@ -12,7 +12,6 @@ import pytest
 
 from nightshift import bake
 from nightshift import config as nsconfig
-from nightshift.errors import NightshiftError
 
 ROOT = Path(__file__).resolve().parents[2]
 VENV_BIN = str(Path(sys.executable).parent)
@@ -81,13 +80,6 @@ def project_config() -> nsconfig.Config:
 
 
 @pytest.fixture(scope="session")
-def baked_image(project_config) -> bake.LocalImage:
-    """The newest complete local image, baked once per session when missing."""
-    try:
-        return bake.newest_local_image(project_config)
-    except NightshiftError:
-        pass
-    if os.geteuid() != 0 or not shutil.which("qemu-system-x86_64"):
-        pytest.skip("baking needs root and qemu-system-x86 (run ./bootstrap as root)")
-    bake.bake(project_config, target="local")
-    return bake.newest_local_image(project_config)
+def baked_image(baked) -> bake.LocalImage:
+    """The image the end-to-end tests boot (tests/conftest.py bakes it once)."""
+    return baked
