@@ -44,6 +44,14 @@ def _load(path):
     return nsconfig.load(path)
 
 
+def _env_pairs(items) -> dict[str, str]:
+    """NAME=VALUE options as a mapping; the run configuration checks the names."""
+    for item in items or ():
+        if "=" not in item:
+            raise ConfigError("--env", item, "use NAME=VALUE")
+    return dict(item.split("=", 1) for item in items or ())
+
+
 @task(
     help={"config": CONFIG_HELP, "json_output": "print JSON instead of TOML-like lines"}
 )
@@ -140,11 +148,7 @@ def run(
     cfg = _load(config)
     overrides = {}
     if env:
-        for item in env:
-            if "=" not in item:
-                raise ConfigError("--env", item, "use NAME=VALUE")
-        pairs = dict(item.split("=", 1) for item in env)
-        overrides["environment"] = {**cfg.job_settings.environment, **pairs}
+        overrides["environment"] = {**cfg.job_settings.environment, **_env_pairs(env)}
     if max_run_time:
         overrides["max_run_seconds"] = parse_duration("--max-run-time", max_run_time)
     run_config = cfg.run_config(**overrides)
@@ -223,3 +227,134 @@ def launch(
         dry_run=dry_run,
     )
     print(nslaunch.describe(outcome))
+
+
+@task(
+    help={
+        "config": CONFIG_HELP,
+        "image_parameter": "SSM parameter the launcher reads (the deploy's output)",
+        "launch_template": "launch template id (lt-...) the smoke run launches from",
+        "log_group": "the job's log group, where the run record appears",
+        "image": "AMI to promote (default: the newest tagged, i.e. the last bake)",
+        "job_image": "job image for the smoke run (default: [job] image, else ECR)",
+        "command": "smoke command instead of the image's own entrypoint (repeatable)",
+        "env": "smoke run environment, NAME=VALUE (repeatable), e.g. ROWS=1000",
+        "timeout": "how long to wait for the smoke run (default: 30m)",
+        "endpoint_url": "AWS endpoint, e.g. a moto server (default: aws.endpoint_url)",
+    },
+    iterable=["command", "env"],
+)
+@_clean_errors
+def promote(
+    c, config=None, image_parameter="", launch_template="", log_group="", image="",
+    job_image=None, command=None, env=None, timeout="30m", endpoint_url=None,
+):  # fmt: skip
+    """Smoke-test the new AMI; point the launcher at it only if it passed."""
+    from nightshift import promote as nspromote
+    from nightshift.runconfig import parse_duration
+
+    cfg = _load(config)
+    endpoint = endpoint_url or cfg.aws.endpoint_url or None
+    if not launch_template:
+        raise Exit("nightshift: --launch-template: pass the launch template id", 2)
+    base = cfg.run_config(
+        image=job_image or nspromote.aws_job_image(cfg, endpoint_url=endpoint)
+    )
+    nspromote.promote(
+        project=cfg.project,
+        job=cfg.job,
+        image_parameter=image_parameter,
+        launch_template_id=launch_template,
+        run_config=base,
+        log_group=log_group,
+        region=cfg.aws.region,
+        image_id=image,
+        endpoint_url=endpoint,
+        subnet_ids=cfg.aws.subnets,
+        instance_types=cfg.aws.instance_types,
+        smoke_command=command or (),
+        smoke_environment=_env_pairs(env),
+        timeout_seconds=parse_duration("--timeout", timeout),
+        out=sys.stdout,
+    )
+
+
+@task(
+    help={
+        "config": CONFIG_HELP,
+        "image_parameter": "SSM parameter the launcher reads (the deploy's output)",
+        "to_version": "parameter version to restore (default: the one before)",
+        "endpoint_url": "AWS endpoint, e.g. a moto server (default: aws.endpoint_url)",
+    }
+)
+@_clean_errors
+def rollback(c, config=None, image_parameter="", to_version=None, endpoint_url=None):
+    """Point the launcher back at the image it used before the last promotion."""
+    from nightshift import promote as nspromote
+
+    cfg = _load(config)
+    nspromote.rollback(
+        project=cfg.project,
+        job=cfg.job,
+        image_parameter=image_parameter,
+        region=cfg.aws.region,
+        endpoint_url=endpoint_url or cfg.aws.endpoint_url or None,
+        to_version=int(to_version) if to_version else None,
+        out=sys.stdout,
+    )
+
+
+@task(
+    help={
+        "config": CONFIG_HELP,
+        "image_parameter": "SSM image pointer; its recent values are kept",
+        "keep": "keep this many newest images (default: aws.keep_images)",
+        "keep_days": "keep images younger than this many days (default: 14)",
+        "pointer_versions": "keep what the pointer named in its last N versions (5)",
+        "dry_run": "print the plan with reasons; change nothing",
+        "endpoint_url": "AWS endpoint, e.g. a moto server (default: aws.endpoint_url)",
+    }
+)
+@_clean_errors
+def prune_amis(
+    c, config=None, image_parameter="", keep=None, keep_days=14, pointer_versions=5,
+    dry_run=False, endpoint_url=None,
+):  # fmt: skip
+    """Deregister old AMIs of this job and delete their snapshots."""
+    from nightshift import prune
+
+    cfg = _load(config)
+    prune.prune_amis(
+        project=cfg.project,
+        job=cfg.job,
+        region=cfg.aws.region,
+        keep=int(keep) if keep is not None else cfg.aws.keep_images,
+        keep_days=int(keep_days),
+        image_parameter=image_parameter,
+        pointer_versions=int(pointer_versions),
+        endpoint_url=endpoint_url or cfg.aws.endpoint_url or None,
+        dry_run=dry_run,
+        out=sys.stdout,
+    )
+
+
+@task(
+    help={
+        "config": CONFIG_HELP,
+        "keep": "keep this many newest complete images (default: 3)",
+        "keep_days": "keep images younger than this many days (default: 14)",
+        "dry_run": "print the plan with reasons; change nothing",
+    }
+)
+@_clean_errors
+def prune_images(c, config=None, keep=3, keep_days=14, dry_run=False):
+    """Remove old local images from build/images; the newest is always kept."""
+    from nightshift import prune
+
+    prune.prune_images(
+        _load(config),
+        keep=int(keep),
+        keep_days=int(keep_days),
+        dry_run=dry_run,
+        out=sys.stdout,
+    )

@@ -238,6 +238,8 @@ def smoke_run_config(
 
 
 def _smoke_tick(launcher: Any, image_id: str, now: datetime) -> Any:
+    """The launcher's Tick, keyed per image and time, with a smoke- run id."""
+
     class SmokeTick(launcher.Tick):
         @property
         def run_id(self) -> str:
@@ -273,7 +275,7 @@ def job_output(logs: Any, group: str, stream: str, lines: int = 20) -> list[str]
         events = logs.get_log_events(
             logGroupName=group, logStreamName=stream, limit=lines, startFromHead=False
         )["events"]
-    except Exception:
+    except Exception:  # only decoration for a failure already being reported
         return []
     return [event["message"].rstrip() for event in events]
 
@@ -323,7 +325,8 @@ def promote(
         image_id = image_id or newest_tagged_image(ec2, project=project, job=job)
         check_image(ec2, image_id, project=project, job=job)
         history = pointer_history(ssm, image_parameter)
-        previous = history[-1]["Value"] if history else ""
+        # The deploy creates the pointer as " " (SSM refuses ""): unset.
+        previous = history[-1]["Value"].strip() if history else ""
         if previous == image_id:
             out.write(f"{image_parameter} already names {image_id}; nothing to do\n")
             return Promotion(image_id, previous, False, "already promoted")

@@ -75,6 +75,20 @@ def test_passing_smoke_run_promotes_only_after_its_report(aws, world, imds):
     assert f"promoted {world['new']}" in printed
 
 
+def test_first_promotion_replaces_the_deploys_placeholder(aws, world, imds):
+    """The deploy creates the pointer as " "; the first promotion fills it in."""
+    aws.ssm.delete_parameter(Name=PARAMETER)
+    aws.ssm.put_parameter(Name=PARAMETER, Value=" ", Type="String")
+    instance = FakeInstance(aws, imds)
+    instance.start()
+    result, printed = run_promote(aws, world)
+    instance.join(10)
+
+    assert result.promoted and result.previous == ""
+    assert aws.pointer() == (world["new"], 2)
+    assert "(was unset)" in printed
+
+
 def test_smoke_run_uses_the_launchers_request(aws, world, imds):
     """The smoke instance is launched as the schedule launches: tags, off means gone."""
     instance = FakeInstance(aws, imds)
