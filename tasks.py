@@ -16,6 +16,7 @@ from nightshift import config as nsconfig
 from nightshift.runconfig import ConfigError
 
 CONFIG_HELP = "project file to read (default: nightshift.toml)"
+ENDPOINT_HELP = "AWS endpoint, e.g. a moto server (default: aws.endpoint_url)"
 
 
 def _clean_errors(func):
@@ -194,7 +195,7 @@ def test(c, fast=False, pytest_args=""):
         "config": CONFIG_HELP,
         "launch_template": "launch template id (lt-...); the deploy will provide it",
         "image_parameter": "SSM parameter with the promoted AMI id (default: newest)",
-        "endpoint_url": "AWS endpoint, e.g. a moto server (default: aws.endpoint_url)",
+        "endpoint_url": ENDPOINT_HELP,
         "image": "job image reference for the run (default: [job] image)",
         "dry_run": "ask EC2 with DryRun=True and launch nothing (default: on)",
     }
@@ -240,7 +241,7 @@ def launch(
         "command": "smoke command instead of the image's own entrypoint (repeatable)",
         "env": "smoke run environment, NAME=VALUE (repeatable), e.g. ROWS=1000",
         "timeout": "how long to wait for the smoke run (default: 30m)",
-        "endpoint_url": "AWS endpoint, e.g. a moto server (default: aws.endpoint_url)",
+        "endpoint_url": ENDPOINT_HELP,
     },
     iterable=["command", "env"],
 )
@@ -284,7 +285,7 @@ def promote(
         "config": CONFIG_HELP,
         "image_parameter": "SSM parameter the launcher reads (the deploy's output)",
         "to_version": "parameter version to restore (default: the one before)",
-        "endpoint_url": "AWS endpoint, e.g. a moto server (default: aws.endpoint_url)",
+        "endpoint_url": ENDPOINT_HELP,
     }
 )
 @_clean_errors
@@ -312,7 +313,7 @@ def rollback(c, config=None, image_parameter="", to_version=None, endpoint_url=N
         "keep_days": "keep images younger than this many days (default: 14)",
         "pointer_versions": "keep what the pointer named in its last N versions (5)",
         "dry_run": "print the plan with reasons; change nothing",
-        "endpoint_url": "AWS endpoint, e.g. a moto server (default: aws.endpoint_url)",
+        "endpoint_url": ENDPOINT_HELP,
     }
 )
 @_clean_errors
@@ -358,3 +359,86 @@ def prune_images(c, config=None, keep=3, keep_days=14, dry_run=False):
         dry_run=dry_run,
         out=sys.stdout,
     )
+
+
+@task(
+    help={
+        "config": CONFIG_HELP,
+        "endpoint_url": ENDPOINT_HELP,
+        "yes": "apply the change set without asking",
+        "image": "build and push the job image to ECR afterwards (default: on)",
+    }
+)
+@_clean_errors
+def deploy(c, config=None, endpoint_url=None, yes=False, image=True):
+    """Deploy the job's stack: show the change set, ask, apply, push the image."""
+    from nightshift import deploy as nsdeploy
+    from nightshift import services
+
+    cfg = _load(config)
+    done = nsdeploy.deploy(cfg, yes=yes, endpoint_url=endpoint_url)
+    if image and done.result != "declined":
+        with services.docker_engine(cfg) as client:
+            pushed = nsdeploy.push_job_image(cfg, client, endpoint_url=endpoint_url)
+        print(f"pushed: {', '.join(pushed.tags)} ({pushed.digest})")
+
+
+@task(
+    help={
+        "config": CONFIG_HELP,
+        "endpoint_url": ENDPOINT_HELP,
+        "dry_run": "ask EC2 with DryRun=True and launch nothing",
+    }
+)
+@_clean_errors
+def run_now(c, config=None, endpoint_url=None, dry_run=False):
+    """Launch a run now, with the deployed launcher's logic and settings."""
+    from nightshift import deploy as nsdeploy
+
+    nsdeploy.run_now(_load(config), endpoint_url=endpoint_url, dry_run=dry_run)
+
+
+@task(
+    help={
+        "config": CONFIG_HELP,
+        "endpoint_url": ENDPOINT_HELP,
+        "limit": "how many recent runs (default: 10)",
+    }
+)
+@_clean_errors
+def status(c, config=None, endpoint_url=None, limit=10):
+    """List recent runs: instance, image, started, state, outcome, duration, memory."""
+    from nightshift import deploy as nsdeploy
+
+    nsdeploy.status(_load(config), endpoint_url=endpoint_url, limit=int(limit))
+
+
+@task(
+    help={
+        "config": CONFIG_HELP,
+        "endpoint_url": ENDPOINT_HELP,
+        "run_id": "the run to show (default: the newest)",
+    }
+)
+@_clean_errors
+def logs(c, config=None, endpoint_url=None, run_id=None):
+    """Show one run's job output from CloudWatch Logs."""
+    from nightshift import deploy as nsdeploy
+
+    nsdeploy.logs(_load(config), run_id, endpoint_url=endpoint_url)
+
+
+@task(
+    help={
+        "config": CONFIG_HELP,
+        "endpoint_url": ENDPOINT_HELP,
+        "yes": "delete without asking",
+        "purge": "also deregister the AMIs and delete the ECR repository",
+    }
+)
+@_clean_errors
+def destroy(c, config=None, endpoint_url=None, yes=False, purge=False):
+    """Delete the job's stack; keep the AMIs and job images unless --purge."""
+    from nightshift import deploy as nsdeploy
+
+    nsdeploy.destroy(_load(config), yes=yes, purge=purge, endpoint_url=endpoint_url)
