@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -73,6 +74,15 @@ class Summary:
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if k != "job_lines"}
+
+
+# journald writes a service's console lines as "[  12.345678] name[pid]: text".
+_CONSOLE_PREFIX = re.compile(r"^\[\s*\d+\.\d+\] [^\s\[]+\[\d+\]: ")
+
+
+def console_text(line: str) -> str:
+    """A console line without the prefix journald puts on a service's output."""
+    return _CONSOLE_PREFIX.sub("", line, count=1)
 
 
 def free_port() -> int:
@@ -268,6 +278,7 @@ class ConsolePrinter:
         )
 
     def __call__(self, stamp: float, line: str) -> None:
+        line = console_text(line)
         if line.startswith(JOB_MARK):
             text = line[len(JOB_MARK) :]
             mark = "\x1b[1;36mjob ▌\x1b[0m" if self.colour else "job ▌"
@@ -284,7 +295,8 @@ def summarise(vm: VM, *, killed: bool) -> Summary:
     record: dict[str, Any] = {}
     record_seen = None
     job_lines = []
-    for stamp, line in vm.lines:
+    for stamp, raw in vm.lines:
+        line = console_text(raw)
         if line.startswith(RESULT_MARK):
             record_seen = stamp
             with contextlib.suppress(json.JSONDecodeError):

@@ -41,19 +41,24 @@ def test_ctrl_c_stops_the_vm_and_the_registry(e2e_cfg, baked, repo_root, tmp_pat
     toml = toml.replace('build_dir = "build"', f'build_dir = "{e2e_cfg.build_dir}"')
     (tmp_path / "nightshift.toml").write_text(toml)
 
-    run = subprocess.Popen(
-        [sys.executable, "-m", "invoke", "--search-root", str(repo_root), "run",
-         "--config", str(tmp_path / "nightshift.toml")],
-        cwd=repo_root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
-    lines = []
+    log = tmp_path / "run.log"
+    with open(log, "w") as output:
+        run = subprocess.Popen(
+            [sys.executable, "-m", "invoke", "--search-root", str(repo_root), "run",
+             "--config", str(tmp_path / "nightshift.toml")],
+            cwd=repo_root, stdout=output, stderr=subprocess.STDOUT, text=True,
+            # As in a terminal: a shell that started this test in the
+            # background may have left SIGINT ignored for its children.
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )  # fmt: skip
     run_id = None
-    for line in run.stdout:
-        lines.append(line)
-        if line.startswith("booting "):
-            run_id = line.split("(run ", 1)[1].split(",", 1)[0]
-            break
-    assert run_id, "".join(lines)
+    deadline = time.monotonic() + 120
+    while run_id is None and time.monotonic() < deadline and run.poll() is None:
+        for line in log.read_text().splitlines():
+            if line.startswith("booting "):
+                run_id = line.split("(run ", 1)[1].split(",", 1)[0]
+        time.sleep(0.5)
+    assert run_id, log.read_text()
     deadline = time.monotonic() + 60
     while not qemu_processes(run_id) and time.monotonic() < deadline:
         time.sleep(0.5)
@@ -62,10 +67,11 @@ def test_ctrl_c_stops_the_vm_and_the_registry(e2e_cfg, baked, repo_root, tmp_pat
 
     time.sleep(3)
     os.kill(run.pid, signal.SIGINT)
-    rest, _ = run.communicate(timeout=60)
+    run.wait(timeout=60)
+    said = log.read_text()
 
-    assert run.returncode == 130, "".join(lines) + rest
-    assert "interrupted" in rest
-    assert "Traceback" not in rest
+    assert run.returncode == 130, said
+    assert "interrupted" in said
+    assert "Traceback" not in said
     assert qemu_processes(run_id) == []
     assert not services.registry_answers(port)

@@ -127,3 +127,18 @@ def test_run_arguments_keep_values_off_the_command_line():
     assert args[-3:] == [IMAGE, "a", "b"]
     assert args[args.index("--env") : args.index("--env") + 2] == ["--env", "TOKENISH"]
     assert "--name" in args and agent.CONTAINER in args
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        'NIGHTSHIFT-RESULT {"outcome": "success"}',
+        '[  110.811379] python3[409]: NIGHTSHIFT-RESULT {"outcome": "success"}',
+        '[   38.8] systemd-run[1]: NIGHTSHIFT-RESULT {"outcome": "success"}',
+    ],
+)
+def test_console_lines_are_read_with_or_without_journald_prefix(line):
+    """journal+console output carries a kernel-style prefix; the marks still count."""
+    from nightshift.localrun import console_text
+
+    assert console_text(line) == 'NIGHTSHIFT-RESULT {"outcome": "success"}'
