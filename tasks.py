@@ -442,3 +442,24 @@ def destroy(c, config=None, endpoint_url=None, yes=False, purge=False):
     from nightshift import deploy as nsdeploy
 
     nsdeploy.destroy(_load(config), yes=yes, purge=purge, endpoint_url=endpoint_url)
+
+
+@task(
+    help={
+        "config": CONFIG_HELP,
+        "runs": "boots of each image, reference and nightshift in turn (default: 5)",
+        "bake_times": "also time a cold bake, a cached-base bake and a second Ansible "
+        "run (about 25 min more under TCG; default: off)",
+        "accelerator": "tcg or kvm (default: nightshift.toml)",
+        "image": "local image to measure (default: baked from the current inputs)",
+    }
+)
+@_clean_errors
+def bench(c, config=None, runs=5, bake_times=False, accelerator=None, image=None):
+    """Measure a run's overhead against a bare reference image; write build/bench/."""
+    from nightshift import bench as nsbench
+
+    nsbench.bench(
+        _load(config), runs=int(runs), bake_times=bake_times,
+        accelerator=accelerator, image=image,
+    )  # fmt: skip

@@ -23,8 +23,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,8 +32,11 @@ from nightshift.runconfig import ConfigError, RunConfig
 AGENT_SETTINGS = Path("/etc/nightshift/agent.json")
 STATE = Path("/run/nightshift")
 RESULT_MARK = "NIGHTSHIFT-RESULT"
+# Left in the state folder once the record is printed and published.
+REPORTED = "reported"
 JOB_MARK = "job| "
 CONTAINER = "nightshift-job"
+DOCKER_SOCKET = "/var/run/docker.sock"
 SLICE = "nightshift.slice"
 FW_CFG = Path("/sys/firmware/qemu_fw_cfg/by_name/opt/nightshift")
 IMDS = "http://169.254.169.254"
@@ -94,6 +95,8 @@ class Imds:
         self._token = ""
 
     def _token_header(self) -> dict[str, str]:
+        import urllib.request  # only on AWS: http.client and ssl cost seconds
+
         if not self._token:
             request = urllib.request.Request(
                 f"{self.endpoint}/latest/api/token",
@@ -106,6 +109,9 @@ class Imds:
 
     def get(self, path: str) -> bytes | None:
         """The document at path, or None when the service has none (404)."""
+        import urllib.error
+        import urllib.request
+
         request = urllib.request.Request(
             f"{self.endpoint}/latest/{path}", headers=self._token_header()
         )
@@ -131,7 +137,7 @@ def read_user_data(settings: Settings, *, attempts: int = 10) -> bytes:
     for attempt in range(1, attempts + 1):
         try:
             data = imds.get("user-data")
-        except (OSError, urllib.error.URLError) as err:
+        except OSError as err:  # URLError is one
             say("imds-retry", attempt=attempt, error=str(err))
             time.sleep(min(2**attempt / 4, 5))
             continue
@@ -153,7 +159,7 @@ def maintenance_requested(settings: Settings, config: RunConfig | None) -> bool:
             tag = Imds(settings.imds_endpoint).get(
                 "meta-data/tags/instance/nightshift-maintenance"
             )
-        except (OSError, urllib.error.URLError):
+        except OSError:  # URLError is one
             tag = None
         return tag is not None and tag.strip().lower() in (b"1", b"true", b"yes")
     return False
@@ -169,15 +175,14 @@ def prepare(settings: Settings) -> int:
     except ConfigError as err:
         (state / "config-error").write_text(str(err))
         say("config-error", error=str(err))
+    if config is not None:
+        (state / "run.json").write_text(config.to_user_data())
+        say("config", run_id=config.run_id, image=config.image, mode=config.mode)
     if maintenance_requested(settings, config):
         (state / "maintenance").touch()
         say("maintenance", detail="the job is skipped; the machine stays up")
         return 0
-    if config is None:
-        return 1
-    (state / "run.json").write_text(config.to_user_data())
-    say("config", run_id=config.run_id, image=config.image, mode=config.mode)
-    return 0
+    return 0 if config is not None else 1
 
 
 # -- the run -------------------------------------------------------------------
@@ -218,10 +223,13 @@ def pull(config: RunConfig, result: Result, started: float) -> bool:
         result.pull_attempts += 1
         remaining = deadline - time.monotonic()
         try:
-            done = docker("pull", "--quiet", config.image, timeout=max(remaining, 1))
+            # Not --quiet: the output names the digest, which spares a
+            # `docker image inspect` (a Go start-up, ~1 s under TCG) later.
+            done = docker("pull", config.image, timeout=max(remaining, 1))
             error = (done.stderr or done.stdout).strip().splitlines()[-1:] or [""]
             if done.returncode == 0:
                 result.timings["pull_done"] = uptime()
+                result.image_digest = pulled_digest(done.stdout)
                 return True
         except subprocess.TimeoutExpired:
             error = ["pull did not finish before the pull deadline"]
@@ -237,20 +245,47 @@ def pull(config: RunConfig, result: Result, started: float) -> bool:
         delay = min(delay * 2, 10.0)
 
 
+def pulled_digest(output: str) -> str:
+    """The manifest digest `docker pull` reports ("Digest: sha256:...")."""
+    for line in output.splitlines():
+        if line.startswith("Digest: "):
+            return line.split(None, 1)[1].strip()
+    return ""
+
+
+def engine_ping(path: str = DOCKER_SOCKET, timeout: float = 10.0) -> str:
+    """Ask the engine's API for /_ping; an empty string when it says OK."""
+    import socket
+
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(path)
+        sock.sendall(b"GET /_ping HTTP/1.0\r\nHost: docker\r\n\r\n")
+        reply = b""
+        while chunk := sock.recv(4096):
+            reply += chunk
+    status = reply.split(b"\r\n", 1)[0]
+    body = reply.rsplit(b"\r\n\r\n", 1)[-1]
+    if b" 200 " in status and body.strip() == b"OK":
+        return ""
+    return status.decode(errors="replace") or "empty reply"
+
+
 def docker_ready(timeout: float = 30.0) -> str:
-    """An empty string when the engine answers, else why not."""
+    """An empty string when the engine answers, else why not.
+
+    A ping on the API socket rather than `docker version`: the same question
+    without starting the Go client (a second or more under TCG).
+    """
     deadline = time.monotonic() + timeout
     error = "no answer"
     while time.monotonic() < deadline:
         try:
-            probe = docker("version", "--format", "{{.Server.Version}}", timeout=10)
-        except subprocess.TimeoutExpired:
-            probe = None
-        if probe is not None and probe.returncode == 0:
+            error = engine_ping()
+        except OSError as err:
+            error = f"{DOCKER_SOCKET}: {err}"
+        if not error:
             return ""
-        error = (
-            probe.stderr.strip() if probe is not None else "docker version timed out"
-        )
         time.sleep(1)
     return error
 
@@ -321,7 +356,13 @@ def run_container(config: RunConfig, result: Result) -> None:
     relayer.join(timeout=5)
     result.timings["job_end"] = uptime()
 
-    state = inspect_state()
+    # docker run exits with the container's code; 0 needs no inspection (a
+    # Go start-up saved on the way to power-off). Any other code may be
+    # docker's own (125-127) or an OOM kill: ask the engine.
+    if process.returncode == 0 and not timed_out:
+        state: dict[str, Any] = {"ExitCode": 0}
+    else:
+        state = inspect_state()
     code = state.get("ExitCode", process.returncode) if state else process.returncode
     result.exit_code = code
     if timed_out:
@@ -344,7 +385,7 @@ def run_container(config: RunConfig, result: Result) -> None:
     else:
         result.outcome = "failure"
         result.reason = f"the job exited {code}"
-    result.image_digest = image_digest(config.image)
+    result.image_digest = result.image_digest or image_digest(config.image)
     result.peak_memory_bytes, result.cpu_seconds = cgroup_usage()
 
 
@@ -394,6 +435,7 @@ def run(settings: Settings) -> int:
     started = time.monotonic()
     state = settings.state_dir
     state.mkdir(parents=True, exist_ok=True)
+    (state / REPORTED).unlink(missing_ok=True)
     result = Result(outcome="agent-failure", timings={"agent_start": uptime()})
     try:
         result = _run(settings, result, started)
@@ -401,6 +443,13 @@ def run(settings: Settings) -> int:
         result.outcome = "agent-failure"
         result.reason = f"{type(err).__name__}: {err}"
     (state / "result.json").write_text(json.dumps(result.to_dict()))
+    # Report from this process: the unit's ExecStopPost then skips a second
+    # Python start-up (seconds under TCG) and reports only when this step
+    # died before it got here.
+    try:
+        report(settings)
+    except Exception as err:  # ExecStopPost reports instead
+        say("report-failed", error=f"{type(err).__name__}: {err}")
     return 0 if result.outcome == "success" else 1
 
 
@@ -458,6 +507,8 @@ def report(settings: Settings) -> int:
                 publish(config, data, settings)
             except Exception as err:  # a failed report must not keep the machine up
                 say("report-failed", error=f"{type(err).__name__}: {err}")
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    (settings.state_dir / REPORTED).touch()
     return 0
 
 
