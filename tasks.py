@@ -9,12 +9,14 @@ from __future__ import annotations
 import functools
 import json
 import sys
+from pathlib import Path
 
 from invoke import Exit, task
 
 from nightshift import config as nsconfig
 from nightshift.runconfig import ConfigError
 
+ROOT = Path(__file__).resolve().parent
 CONFIG_HELP = "project file to read (default: nightshift.toml)"
 ENDPOINT_HELP = "AWS endpoint, e.g. a moto server (default: aws.endpoint_url)"
 
@@ -32,6 +34,10 @@ def _clean_errors(func):
             raise Exit(f"nightshift: configuration error: {err}", code=2) from None
         except NightshiftError as err:
             raise Exit(f"nightshift: {err}", code=err.exit_code) from None
+        except BrokenPipeError:
+            # The reader went away (`invoke config | head`): nothing to say.
+            sys.stderr.close()
+            raise Exit(code=0) from None
         except KeyboardInterrupt:
             raise Exit(
                 "nightshift: interrupted; everything this task started is stopped",
@@ -42,6 +48,11 @@ def _clean_errors(func):
 
 
 def _load(path):
+    """The project file: --config if given, else nightshift.toml beside tasks.py."""
+    if path is None:
+        return nsconfig.load(ROOT / nsconfig.DEFAULT_FILE)
+    if not Path(path).is_file():
+        raise ConfigError("--config", path, "name an existing nightshift.toml")
     return nsconfig.load(path)
 
 
@@ -146,6 +157,8 @@ def run(
     from nightshift.runconfig import check_choice, parse_duration
 
     check_choice("--target", target, ("local",))
+    if accelerator:
+        check_choice("--accelerator", accelerator, ("tcg", "kvm"))
     cfg = _load(config)
     overrides = {}
     if env:

@@ -198,7 +198,12 @@ def parse(data: dict[str, Any], *, root: Path = Path(".")) -> Config:
         )
 
     aws_defaults = AwsSettings()
-    instance_types = tuple(aws.get("instance_types", aws_defaults.instance_types))
+    instance_types = aws.get("instance_types", aws_defaults.instance_types)
+    if not isinstance(instance_types, list | tuple):
+        raise ConfigError(
+            "aws.instance_types", instance_types, "use a list, e.g. ['m6i.large']"
+        )
+    instance_types = tuple(instance_types)
     if not instance_types:
         raise ConfigError("aws.instance_types", [], "list at least one instance type")
     for name in instance_types:

@@ -396,7 +396,8 @@ def run(
     vm.on_line(ConsolePrinter(out, verbose=verbose))
     bound = bound if bound is not None else time_bound(run_config)
     out.write(
-        f"booting {image.name} (run {run_config.run_id}, {cfg.local.accelerator}, "
+        f"booting {image.name} (run {run_config.run_id}, "
+        f"{accelerator or cfg.local.accelerator}, "
         f"power-off expected within {bound:.0f}s)\n"
     )
     with booted(vm):

@@ -73,7 +73,9 @@ def check_environment(field_name: str, value: Any) -> dict[str, str]:
     for name, item in value.items():
         if not isinstance(name, str) or not _ENV_NAME.match(name):
             raise ConfigError(
-                f"{field_name}.{name}", name, "use letters, digits and _ in names"
+                f"{field_name}.{name}",
+                name,
+                "use letters, digits and _, not starting with a digit",
             )
         if isinstance(item, bool) or not isinstance(item, str | int | float):
             raise ConfigError(

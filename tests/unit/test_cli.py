@@ -74,3 +74,22 @@ def test_bad_run_option_is_named(args, message):
     assert done.returncode == 2
     assert message in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_project_file_is_found_beside_tasks_py(tmp_path):
+    """From another folder the project's own nightshift.toml is read, not defaults."""
+    done = invoke("config", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert f"project.root = '{ROOT}'" in done.stdout
+
+
+def test_missing_config_file_is_an_error(tmp_path):
+    done = invoke("config", "--config", str(tmp_path / "absent.toml"))
+    assert done.returncode == 2
+    assert "--config" in done.stderr and "name an existing" in done.stderr
+
+
+def test_bad_accelerator_option_is_named():
+    done = invoke("run", "--accelerator", "foo")
+    assert done.returncode == 2
+    assert "--accelerator: 'foo' is not valid; use one of: tcg, kvm" in done.stderr
