@@ -5,11 +5,16 @@ from __future__ import annotations
 import ast
 import json
 import urllib.parse
+from pathlib import Path
 
 import boto3
-from conftest import REGION
 
+from nightshift import config as nsconfig
 from nightshift.deploy import Names
+
+ROOT = Path(__file__).resolve().parents[2]
+REGION = "eu-west-1"
+ACCOUNT = "123456789012"  # moto's default account
 
 
 class Aws:
@@ -81,3 +86,29 @@ def names(cfg) -> Names:
 
 def as_list(value) -> list:
     return value if isinstance(value, list) else [value]
+
+
+def make_config(endpoint: str, tmp_path: Path, **sections) -> nsconfig.Config:
+    """A project file like nightshift.toml, aimed at the moto server."""
+    data = {
+        "project": {"name": "nightshift", "job": "example"},
+        "job": {
+            "context": str(ROOT / "job"),
+            "max_run_time": "1h",
+            "environment": {"ROWS": "1000"},
+        },
+        "schedule": {"cron": "cron(0 3 * * ? *)", "enabled": True},
+        "aws": {
+            "region": REGION,
+            "instance_types": ["m6i.large", "m5.large"],
+            "root_volume_gb": 40,
+            "notification_email": "ops@example.com",
+            "log_retention_days": 14,
+            "keep_images": 7,
+            "endpoint_url": endpoint,
+        },
+        "local": {"build_dir": str(tmp_path / "build")},
+    }
+    for name, values in sections.items():
+        data[name] = {**data.get(name, {}), **values}
+    return nsconfig.parse(data, root=ROOT)

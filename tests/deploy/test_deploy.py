@@ -16,8 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import make_config
-from deploy_support import Aws, names
+from deploy_support import Aws, make_config, names
 from moto.ecr.models import ecr_backends
 
 from nightshift import deploy
