@@ -56,6 +56,23 @@ def _load(path):
     return nsconfig.load(path)
 
 
+def _count(option: str, value, default: int | None, *, low: int = 0) -> int | None:
+    """A whole-number option; invoke would pass on int()'s traceback instead."""
+    if value is None:
+        return default
+    text = str(value).strip()
+    if not text.isdigit() or int(text) < low:
+        raise ConfigError(option, value, f"use a whole number, {low} or more")
+    return int(text)
+
+
+def _endpoint(cfg, option_value):
+    """--endpoint-url if given, else aws.endpoint_url; None means AWS itself."""
+    if option_value is None:
+        return cfg.aws.endpoint_url or None
+    return nsconfig.check_endpoint_url("--endpoint-url", option_value) or None
+
+
 def _env_pairs(items) -> dict[str, str]:
     """NAME=VALUE options as a mapping; the run configuration checks the names."""
     for item in items or ():
@@ -232,7 +249,7 @@ def launch(
         launch_template_id=launch_template,
         run_config=cfg.run_config(image=image),
         region=cfg.aws.region,
-        endpoint_url=endpoint_url or cfg.aws.endpoint_url or None,
+        endpoint_url=_endpoint(cfg, endpoint_url),
         image_parameter=image_parameter,
         subnet_ids=cfg.aws.subnets,
         instance_types=cfg.aws.instance_types,
@@ -268,7 +285,7 @@ def promote(
     from nightshift.runconfig import parse_duration
 
     cfg = _load(config)
-    endpoint = endpoint_url or cfg.aws.endpoint_url or None
+    endpoint = _endpoint(cfg, endpoint_url)
     if not launch_template:
         raise Exit("nightshift: --launch-template: pass the launch template id", 2)
     base = cfg.run_config(
@@ -312,8 +329,8 @@ def rollback(c, config=None, image_parameter="", to_version=None, endpoint_url=N
         job=cfg.job,
         image_parameter=image_parameter,
         region=cfg.aws.region,
-        endpoint_url=endpoint_url or cfg.aws.endpoint_url or None,
-        to_version=int(to_version) if to_version else None,
+        endpoint_url=_endpoint(cfg, endpoint_url),
+        to_version=_count("--to-version", to_version, None, low=1),
         out=sys.stdout,
     )
 
@@ -331,8 +348,8 @@ def rollback(c, config=None, image_parameter="", to_version=None, endpoint_url=N
 )
 @_clean_errors
 def prune_amis(
-    c, config=None, image_parameter="", keep=None, keep_days=14, pointer_versions=5,
-    dry_run=False, endpoint_url=None,
+    c, config=None, image_parameter="", keep=None, keep_days=None,
+    pointer_versions=None, dry_run=False, endpoint_url=None,
 ):  # fmt: skip
     """Deregister old AMIs of this job and delete their snapshots."""
     from nightshift import prune
@@ -342,11 +359,11 @@ def prune_amis(
         project=cfg.project,
         job=cfg.job,
         region=cfg.aws.region,
-        keep=int(keep) if keep is not None else cfg.aws.keep_images,
-        keep_days=int(keep_days),
+        keep=_count("--keep", keep, cfg.aws.keep_images, low=1),
+        keep_days=_count("--keep-days", keep_days, 14),
         image_parameter=image_parameter,
-        pointer_versions=int(pointer_versions),
-        endpoint_url=endpoint_url or cfg.aws.endpoint_url or None,
+        pointer_versions=_count("--pointer-versions", pointer_versions, 5),
+        endpoint_url=_endpoint(cfg, endpoint_url),
         dry_run=dry_run,
         out=sys.stdout,
     )
@@ -361,14 +378,14 @@ def prune_amis(
     }
 )
 @_clean_errors
-def prune_images(c, config=None, keep=3, keep_days=14, dry_run=False):
+def prune_images(c, config=None, keep=None, keep_days=None, dry_run=False):
     """Remove old local images from build/images; the newest is always kept."""
     from nightshift import prune
 
     prune.prune_images(
         _load(config),
-        keep=int(keep),
-        keep_days=int(keep_days),
+        keep=_count("--keep", keep, 3, low=1),
+        keep_days=_count("--keep-days", keep_days, 14),
         dry_run=dry_run,
         out=sys.stdout,
     )
@@ -389,10 +406,11 @@ def deploy(c, config=None, endpoint_url=None, yes=False, image=True):
     from nightshift import services
 
     cfg = _load(config)
-    done = nsdeploy.deploy(cfg, yes=yes, endpoint_url=endpoint_url)
+    endpoint = _endpoint(cfg, endpoint_url)
+    done = nsdeploy.deploy(cfg, yes=yes, endpoint_url=endpoint)
     if image and done.result != "declined":
         with services.docker_engine(cfg) as client:
-            pushed = nsdeploy.push_job_image(cfg, client, endpoint_url=endpoint_url)
+            pushed = nsdeploy.push_job_image(cfg, client, endpoint_url=endpoint)
         print(f"pushed: {', '.join(pushed.tags)} ({pushed.digest})")
 
 
@@ -408,7 +426,8 @@ def run_now(c, config=None, endpoint_url=None, dry_run=False):
     """Launch a run now, with the deployed launcher's logic and settings."""
     from nightshift import deploy as nsdeploy
 
-    nsdeploy.run_now(_load(config), endpoint_url=endpoint_url, dry_run=dry_run)
+    cfg = _load(config)
+    nsdeploy.run_now(cfg, endpoint_url=_endpoint(cfg, endpoint_url), dry_run=dry_run)
 
 
 @task(
@@ -419,11 +438,13 @@ def run_now(c, config=None, endpoint_url=None, dry_run=False):
     }
 )
 @_clean_errors
-def status(c, config=None, endpoint_url=None, limit=10):
+def status(c, config=None, endpoint_url=None, limit=None):
     """List recent runs: instance, image, started, state, outcome, duration, memory."""
     from nightshift import deploy as nsdeploy
 
-    nsdeploy.status(_load(config), endpoint_url=endpoint_url, limit=int(limit))
+    limit = _count("--limit", limit, 10, low=1)
+    cfg = _load(config)
+    nsdeploy.status(cfg, endpoint_url=_endpoint(cfg, endpoint_url), limit=limit)
 
 
 @task(
@@ -438,7 +459,8 @@ def logs(c, config=None, endpoint_url=None, run_id=None):
     """Show one run's job output from CloudWatch Logs."""
     from nightshift import deploy as nsdeploy
 
-    nsdeploy.logs(_load(config), run_id, endpoint_url=endpoint_url)
+    cfg = _load(config)
+    nsdeploy.logs(cfg, run_id, endpoint_url=_endpoint(cfg, endpoint_url))
 
 
 @task(
@@ -454,7 +476,10 @@ def destroy(c, config=None, endpoint_url=None, yes=False, purge=False):
     """Delete the job's stack; keep the AMIs and job images unless --purge."""
     from nightshift import deploy as nsdeploy
 
-    nsdeploy.destroy(_load(config), yes=yes, purge=purge, endpoint_url=endpoint_url)
+    cfg = _load(config)
+    nsdeploy.destroy(
+        cfg, yes=yes, purge=purge, endpoint_url=_endpoint(cfg, endpoint_url)
+    )
 
 
 @task(
@@ -468,11 +493,11 @@ def destroy(c, config=None, endpoint_url=None, yes=False, purge=False):
     }
 )
 @_clean_errors
-def bench(c, config=None, runs=5, bake_times=False, accelerator=None, image=None):
+def bench(c, config=None, runs=None, bake_times=False, accelerator=None, image=None):
     """Measure a run's overhead against a bare reference image; write build/bench/."""
     from nightshift import bench as nsbench
 
     nsbench.bench(
-        _load(config), runs=int(runs), bake_times=bake_times,
+        _load(config), runs=_count("--runs", runs, 5, low=1), bake_times=bake_times,
         accelerator=accelerator, image=image,
     )  # fmt: skip

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import tomllib
+import urllib.parse
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,8 +32,20 @@ _NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 # EC2 instance types look like family+generation[+options].size: m6i.large.
 _INSTANCE_TYPE = re.compile(r"^[a-z][a-z0-9-]*[0-9][a-z0-9-]*\.[0-9]*[a-z]+[0-9]*$")
 # EventBridge: cron(min hour day-of-month month day-of-week year) or rate(n unit).
-_CRON = re.compile(r"^cron\((\S+ ){5}\S+\)$")
-_RATE = re.compile(r"^rate\(\d+ (minute|minutes|hour|hours|day|days)\)$")
+_CRON = re.compile(r"^cron\((?P<fields>[^()]*)\)$")
+_RATE = re.compile(r"^rate\((?P<n>\d+) (?P<unit>minute|hour|day)(?P<plural>s?)\)$")
+_MONTHS = "JAN|FEB|MAR|APR|MAY|JUN|JUL|AUG|SEP|OCT|NOV|DEC"
+_DAYS = "SUN|MON|TUE|WED|THU|FRI|SAT"
+# Each cron field: its name, the values a number may take, and the extra
+# words and marks EventBridge accepts there (its "Cron expressions" table).
+_CRON_FIELDS = (
+    ("minutes", 0, 59, ""),
+    ("hours", 0, 23, ""),
+    ("day-of-month", 1, 31, r"\?|L|LW|\d{1,2}W"),
+    ("month", 1, 12, _MONTHS),
+    ("day-of-week", 1, 7, rf"\?|L|\d#[1-5]|{_DAYS}|\dL"),
+    ("year", 1970, 2199, ""),
+)
 
 
 @dataclass(frozen=True)
@@ -189,13 +202,7 @@ def parse(data: dict[str, Any], *, root: Path = Path(".")) -> Config:
         ),
     )
 
-    cron = _string("schedule.cron", schedule.get("cron", ScheduleSettings.cron))
-    if not (_CRON.match(cron) or _RATE.match(cron)):
-        raise ConfigError(
-            "schedule.cron",
-            cron,
-            "use 'cron(0 3 * * ? *)' or 'rate(1 day)' (EventBridge form)",
-        )
+    cron = check_schedule("schedule.cron", schedule.get("cron", ScheduleSettings.cron))
 
     aws_defaults = AwsSettings()
     instance_types = aws.get("instance_types", aws_defaults.instance_types)
@@ -247,7 +254,9 @@ def parse(data: dict[str, Any], *, root: Path = Path(".")) -> Config:
                 "aws.log_retention_days", aws.get("log_retention_days", 30), 1, 3653
             ),
             keep_images=_int("aws.keep_images", aws.get("keep_images", 10), 1, 1000),
-            endpoint_url=_string("aws.endpoint_url", aws.get("endpoint_url", "")),
+            endpoint_url=check_endpoint_url(
+                "aws.endpoint_url", aws.get("endpoint_url", "")
+            ),
         ),
         local=LocalSettings(
             accelerator=check_choice(
@@ -314,3 +323,75 @@ def _region(name: str, value: Any) -> str:
     if not isinstance(value, str) or not re.match(r"^[a-z]{2}(-[a-z]+)+-\d$", value):
         raise ConfigError(name, value, "use an AWS region name like 'eu-west-1'")
     return value
+
+
+def check_schedule(name: str, value: Any) -> str:
+    """An EventBridge schedule expression, checked field by field.
+
+    EventBridge would refuse a bad one only at deploy time, halfway through a
+    stack update; here it stops before any AWS call.
+    """
+    expression = _string(name, value).strip()
+    usage = "use EventBridge's form: 'cron(0 3 * * ? *)' (six fields) or 'rate(1 day)'"
+    rate = _RATE.match(expression)
+    if rate:
+        count = int(rate["n"])
+        if count < 1 or (count == 1) == bool(rate["plural"]):
+            raise ConfigError(
+                name, expression, "use 'rate(1 day)' or 'rate(2 days)': n >= 1, "
+                "singular unit for 1 and plural otherwise",
+            )  # fmt: skip
+        return expression
+    cron = _CRON.match(expression)
+    fields = cron["fields"].split() if cron else []
+    if len(fields) != len(_CRON_FIELDS):
+        raise ConfigError(name, expression, usage)
+    for text, (label, low, high, words) in zip(fields, _CRON_FIELDS, strict=True):
+        if not _cron_field_ok(text.upper(), low, high, words):
+            raise ConfigError(
+                name, expression,
+                f"its {label} field {text!r} is out of range; use {low}-{high}, "
+                "'*', ',', '-' or '/' (EventBridge's cron fields)",
+            )  # fmt: skip
+    if (fields[2] == "?") == (fields[4] == "?"):
+        raise ConfigError(
+            name, expression,
+            "put '?' in exactly one of day-of-month and day-of-week, "
+            "e.g. 'cron(0 3 * * ? *)'",
+        )  # fmt: skip
+    return expression
+
+
+def _cron_field_ok(text: str, low: int, high: int, words: str) -> bool:
+    if words and re.fullmatch(words, text):
+        return True
+    for part in text.split(","):
+        base, _, step = part.partition("/")
+        if step and not (step.isdigit() and int(step) >= 1):
+            return False
+        if base == "*":
+            continue
+        for end in base.split("-", 1):
+            if end.isdigit():
+                if not low <= int(end) <= high:
+                    return False
+            elif not (words and re.fullmatch(words, end)):
+                return False
+    return True
+
+
+def check_endpoint_url(name: str, value: Any) -> str:
+    """Empty (AWS itself) or an http(s) URL such as a moto server's."""
+    url = _string(name, value)
+    if not url:
+        return url
+    parts = urllib.parse.urlsplit(url)
+    try:
+        parts.port  # noqa: B018 - raises on a port that is not a number
+    except ValueError:
+        parts = parts._replace(netloc="")
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(
+            name, url, "use an http(s) URL like 'http://127.0.0.1:5001', or leave empty"
+        )
+    return url

@@ -38,7 +38,6 @@ MEMORY_ALARM_SHARE = 0.85
 MAX_SUCCESS_WINDOW_HOURS = 168
 ARCHITECTURES = {"amd64": "x86_64", "arm64": "arm64"}
 _ECR_IMAGE = re.compile(r"^\d{12}\.dkr\.ecr\.[a-z0-9-]+\.amazonaws\.com(\.cn)?/")
-_CRON_FIELD = re.compile(r"^[0-9A-Za-z*?,/#-]+$")
 _RATE = re.compile(r"^rate\((\d+) (minute|minutes|hour|hours|day|days)\)$")
 _RATE_SECONDS = {"minute": 60, "hour": 3600, "day": 86400}
 _TERMINAL = re.compile(r"_(COMPLETE|FAILED)$")
@@ -94,9 +93,11 @@ class Names:
 
 
 def check(cfg: Config) -> None:
-    """Refuse settings AWS would refuse halfway through; raise ConfigError."""
-    check_schedule(cfg.schedule.cron)
+    """Refuse settings AWS would refuse halfway through; raise ConfigError.
 
+    The schedule's EventBridge rules are checked when the file is read
+    (config.check_schedule), so a bad cron never gets this far.
+    """
     known = _instance_type_names()
     for name in cfg.aws.instance_types:
         if name not in known:
@@ -134,37 +135,6 @@ def check(cfg: Config) -> None:
             str(context),
             "the job image repository needs a folder with the job's Dockerfile",
         )
-
-
-def check_schedule(expression: str) -> None:
-    """EventBridge's own rules for cron() and rate(), beyond the config's shape."""
-    field = "schedule.cron"
-    if match := _RATE.match(expression):
-        value, unit = int(match.group(1)), match.group(2)
-        if value < 1 or (value == 1) != (not unit.endswith("s")):
-            raise ConfigError(
-                field, expression, "use 'rate(1 day)' for one, 'rate(2 days)' for more"
-            )
-        return
-    fields = expression[len("cron(") : -1].split()
-    if len(fields) != 6 or not all(_CRON_FIELD.match(f) for f in fields):
-        raise ConfigError(
-            field, expression, "use six fields: minutes hours day month weekday year"
-        )
-    minutes, hours, day, _month, weekday, _year = fields
-    if (day == "?") == (weekday == "?"):
-        raise ConfigError(
-            field,
-            expression,
-            "EventBridge needs '?' in exactly one of day-of-month and day-of-week, "
-            "e.g. 'cron(0 3 * * ? *)'",
-        )
-    for name, value, top in (("minutes", minutes, 59), ("hours", hours, 23)):
-        for number in re.findall(r"\d+", value):
-            if int(number) > top:
-                raise ConfigError(
-                    field, expression, f"{name} go from 0 to {top}, not {number}"
-                )
 
 
 def success_window_hours(cfg: Config) -> int:

@@ -333,15 +333,18 @@ def test_destroy_asks_first(deployed, aws, cfg, lines):
 def test_config_errors_stop_before_any_aws_call(
     section, values, field, tmp_path, monkeypatch
 ):
-    """One line naming the field; boto3 is never even asked for a session."""
+    """One line naming the field; boto3 is never even asked for a session.
+
+    A bad schedule stops when the file is read, the others in deploy's checks.
+    """
     import boto3.session
 
     def no_aws(*args, **kwargs):
         raise AssertionError("an AWS session was opened despite a bad config")
 
     monkeypatch.setattr(boto3.session, "Session", no_aws)
-    cfg = make_config("http://127.0.0.1:9", tmp_path, **{section: values})
     with pytest.raises(deploy.ConfigError) as bad:
+        cfg = make_config("http://127.0.0.1:9", tmp_path, **{section: values})
         deploy.deploy(cfg, yes=True)
     assert bad.value.field == field
     assert "\n" not in str(bad.value)

@@ -93,3 +93,23 @@ def test_bad_accelerator_option_is_named():
     done = invoke("run", "--accelerator", "foo")
     assert done.returncode == 2
     assert "--accelerator: 'foo' is not valid; use one of: tcg, kvm" in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["prune-images", "--keep", "abc"], "--keep: 'abc' is not valid"),
+        (["prune-amis", "--keep-days", "-3"], "--keep-days: '-3' is not valid"),
+        (["status", "--limit", "0"], "--limit: '0' is not valid"),
+        (["bench", "--runs", "many"], "--runs: 'many' is not valid"),
+        (["rollback", "--to-version", "x"], "--to-version: 'x' is not valid"),
+        (["status", "--endpoint-url", "notaurl"], "--endpoint-url: 'notaurl'"),
+    ],
+)
+def test_bad_number_or_endpoint_is_one_line(args, message):
+    """Checked before any AWS client or VM is made: no traceback, exit 2."""
+    done = invoke(*args)
+    assert done.returncode == 2, done.stderr
+    assert message in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert "Traceback" not in done.stdout + done.stderr

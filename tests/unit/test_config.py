@@ -27,6 +27,10 @@ def test_missing_file_gives_defaults(tmp_path):
         ("[local]\nmemory_mb = 64", "local.memory_mb"),
         ('[job]\nmax_run_time = "forever"', "job.max_run_time"),
         ('[schedule]\ncron = "0 3 * * *"', "schedule.cron"),
+        ('[schedule]\ncron = "cron(0 25 * * ? *)"', "schedule.cron"),
+        ('[schedule]\ncron = "cron(0 3 * * * *)"', "schedule.cron"),
+        ('[schedule]\ncron = "rate(1 days)"', "schedule.cron"),
+        ('[aws]\nendpoint_url = "localhost:5001"', "aws.endpoint_url"),
         ('[aws]\ninstance_types = ["huge"]', "aws.instance_types"),
         ('[aws]\nregion = "mars"', "aws.region"),
         ('[aws]\noverlap_policy = "queue"', "aws.overlap_policy"),
@@ -48,3 +52,38 @@ def test_broken_toml_is_one_clear_error(tmp_path):
     path.write_text("[local\n")
     with pytest.raises(ConfigError, match="TOML"):
         config.load(path)
+
+
+@pytest.mark.parametrize(
+    "expression",
+    [
+        "cron(0 3 * * ? *)",
+        "cron(0/15 8-18 ? * MON-FRI *)",
+        "cron(0 10 ? * 6L 2027)",
+        "cron(15 10 L * ? *)",
+        "cron(0 8 1W * ? *)",
+        "cron(0 3 ? * 2#1 *)",
+        "cron(0 3 1,15 JAN-MAR ? 2026-2030)",
+        "rate(1 day)",
+        "rate(12 hours)",
+    ],
+)
+def test_eventbridge_schedules_are_accepted(expression):
+    assert config.check_schedule("schedule.cron", expression) == expression
+
+
+@pytest.mark.parametrize(
+    ("expression", "says"),
+    [
+        ("cron(0 3 * * ?)", "six fields"),
+        ("cron(61 3 * * ? *)", "minutes field '61'"),
+        ("cron(0 3 * FOO ? *)", "month field 'FOO'"),
+        ("cron(0 3 ? * ? *)", "exactly one of day-of-month and day-of-week"),
+        ("cron(0 3 */0 * ? *)", "day-of-month field"),
+        ("rate(0 hours)", "n >= 1"),
+    ],
+)
+def test_a_bad_schedule_says_what_is_wrong(expression, says):
+    with pytest.raises(ConfigError, match=r"^schedule\.cron: ") as caught:
+        config.check_schedule("schedule.cron", expression)
+    assert says in str(caught.value)
