@@ -727,7 +727,7 @@ def run_now(
     The launcher's handle() runs here, in-process, with the settings the
     deploy gave the Lambda; so this launches exactly what a tick would.
     """
-    from nightshift.launch import describe
+    from nightshift.launch import describe, readable_log
 
     launcher = _launcher()
     target = connect(cfg, endpoint_url, log=log)
@@ -741,9 +741,10 @@ def run_now(
     clients = {name: target.client(name) for name in ("ec2", "ssm", "sns")}
     with _aws_errors("launching"):
         try:
-            outcome = launcher.handle(
-                event, settings=settings, dry_run=dry_run, **clients
-            )
+            with readable_log(launcher):
+                outcome = launcher.handle(
+                    event, settings=settings, dry_run=dry_run, **clients
+                )
         except launcher.LaunchError as err:
             raise NightshiftError(f"launch: {err}") from None
         except Exception as err:

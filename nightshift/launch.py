@@ -6,9 +6,12 @@ with EC2's DryRun=True, so what it prints is what the schedule would do.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import logging
 import sys
 import zipfile
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from types import ModuleType
@@ -45,6 +48,32 @@ def load_launcher() -> ModuleType:
         del sys.modules[name]
         raise
     return module
+
+
+class _ReadableFormatter(logging.Formatter):
+    """The launcher's decisions as lines for a person at a terminal.
+
+    In Lambda they are JSON with the traceback, for CloudWatch; here the
+    error is told once more by the task itself, so the traceback stays out.
+    """
+
+    def format(self, record: logging.LogRecord) -> str:
+        fields = getattr(record, "fields", {})
+        details = ", ".join(f"{key}={value}" for key, value in fields.items())
+        return f"launcher: {record.getMessage()}" + (f" ({details})" if details else "")
+
+
+@contextlib.contextmanager
+def readable_log(launcher: ModuleType) -> Iterator[None]:
+    """Within this block, the launcher logs plain lines instead of JSON."""
+    saved = [(handler, handler.formatter) for handler in launcher.log.handlers]
+    for handler, _ in saved:
+        handler.setFormatter(_ReadableFormatter())
+    try:
+        yield
+    finally:
+        for handler, formatter in saved:
+            handler.setFormatter(formatter)
 
 
 def lambda_zip(path: str | Path) -> Path:
@@ -116,9 +145,10 @@ def launch(
         for name in ("ec2", "ssm", "sns")
     )
     try:
-        return launcher.handle(
-            event, settings=settings, ec2=ec2, ssm=ssm, sns=sns, dry_run=dry_run
-        )
+        with readable_log(launcher):
+            return launcher.handle(
+                event, settings=settings, ec2=ec2, ssm=ssm, sns=sns, dry_run=dry_run
+            )
     except (launcher.LaunchError, NoImageError) as err:
         raise NightshiftError(f"launch: {err}") from err
     except BotoCoreError as err:

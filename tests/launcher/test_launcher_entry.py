@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -281,7 +282,12 @@ def test_dry_run_shows_the_launch_and_launches_nothing(aws, run_config):
     assert "on shutdown:   terminate" in text
 
 
-def test_dry_run_without_an_image_is_one_clear_error(aws, run_config):
+def test_dry_run_without_an_image_is_one_clear_error(aws, run_config, monkeypatch):
+    from nightshift.launch import load_launcher
+
+    [handler] = load_launcher().log.handlers
+    stream = io.StringIO()
+    monkeypatch.setattr(handler, "stream", stream)
     with pytest.raises(NightshiftError, match="no image qualifies"):
         launch(
             project=PROJECT,
@@ -291,6 +297,13 @@ def test_dry_run_without_an_image_is_one_clear_error(aws, run_config):
             region="eu-west-1",
             endpoint_url=aws.endpoint,
         )
+
+    # At a terminal the launcher speaks in plain lines, without a traceback...
+    err = stream.getvalue()
+    assert "launcher: failed (decision=failed" in err
+    assert "Traceback" not in err and '"level"' not in err
+    # ...and afterwards logs JSON again, as it does in Lambda.
+    assert type(handler.formatter).__name__ == "JsonFormatter"
 
 
 def test_dry_run_replace_terminates_nothing(aws, run_config):
