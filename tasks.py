@@ -86,18 +86,23 @@ def _env_pairs(items) -> dict[str, str]:
 )
 @_clean_errors
 def config(c, config=None, json_output=False):
-    """Show the resolved configuration and the run configuration it makes."""
+    """Show the resolved settings and the run configuration they make."""
     cfg = _load(config)
-    resolved = {
-        "project": cfg.as_dict(),
-        "run_configuration": cfg.run_config().to_dict(),
-    }
+    path = Path(config).resolve() if config else ROOT / nsconfig.DEFAULT_FILE
     if json_output:
+        resolved = {
+            "file": str(path),
+            "settings": cfg.as_file(),
+            "run_configuration": cfg.run_config().to_dict(),
+        }
         print(json.dumps(resolved, indent=2, sort_keys=True))
         return
     from nightshift.report import show_config
 
-    show_config(resolved, out=sys.stdout)
+    print(f"# {path}, with the defaults filled in")
+    show_config(cfg.as_file(), out=sys.stdout)
+    print("\n# the run configuration a VM gets (fw_cfg locally, user data on EC2)")
+    show_config({"run": cfg.run_config().to_dict()}, out=sys.stdout)
 
 
 @task(

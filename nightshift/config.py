@@ -138,10 +138,26 @@ class Config:
         data.update(overrides)
         return RunConfig.parse(data)
 
-    def as_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["root"] = str(self.root)
-        return data
+    def as_file(self) -> dict[str, Any]:
+        """The resolved settings under the names nightshift.toml uses."""
+        job = self.job_settings
+        aws = asdict(self.aws)
+        aws["instance_types"] = list(aws["instance_types"])
+        aws["subnets"] = list(aws["subnets"])
+        return {
+            "project": {"name": self.project, "job": self.job},
+            "job": {
+                "context": job.context,
+                "image": job.image,
+                "environment": dict(job.environment),
+                "max_run_time": format_duration(job.max_run_seconds),
+                "pull_deadline": format_duration(job.pull_deadline_seconds),
+                "stop_grace": format_duration(job.stop_grace_seconds),
+            },
+            "schedule": asdict(self.schedule),
+            "aws": aws,
+            "local": asdict(self.local),
+        }
 
 
 def load(path: str | Path | None = None) -> Config:
@@ -323,6 +339,14 @@ def _region(name: str, value: Any) -> str:
     if not isinstance(value, str) or not re.match(r"^[a-z]{2}(-[a-z]+)+-\d$", value):
         raise ConfigError(name, value, "use an AWS region name like 'eu-west-1'")
     return value
+
+
+def format_duration(seconds: int) -> str:
+    """Seconds in the largest unit that holds them exactly: 3600 -> '1h'."""
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds and seconds % size == 0:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
 
 
 def check_schedule(name: str, value: Any) -> str:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any, TextIO
 
 
 def show_config(resolved: dict[str, Any], out: TextIO) -> None:
-    """Print nested settings as dotted `name = value` lines."""
+    """Print nested settings as dotted `name = value` lines, values as in TOML."""
     for name, value in _flatten(resolved):
-        out.write(f"{name} = {value!r}\n")
+        out.write(f"{name} = {json.dumps(value, ensure_ascii=False)}\n")
 
 
 def _flatten(data: Any, prefix: str = ""):

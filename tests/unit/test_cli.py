@@ -80,7 +80,8 @@ def test_project_file_is_found_beside_tasks_py(tmp_path):
     """From another folder the project's own nightshift.toml is read, not defaults."""
     done = invoke("config", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
-    assert f"project.root = '{ROOT}'" in done.stdout
+    assert f"# {ROOT / 'nightshift.toml'}," in done.stdout
+    assert 'job.environment.ROWS = "400000"' in done.stdout
 
 
 def test_missing_config_file_is_an_error(tmp_path):

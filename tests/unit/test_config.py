@@ -87,3 +87,19 @@ def test_a_bad_schedule_says_what_is_wrong(expression, says):
     with pytest.raises(ConfigError, match=r"^schedule\.cron: ") as caught:
         config.check_schedule("schedule.cron", expression)
     assert says in str(caught.value)
+
+
+def test_resolved_settings_read_back_as_the_same_config(tmp_path):
+    """`invoke config` shows the file's own names: its output is a valid file."""
+    path = tmp_path / "nightshift.toml"
+    path.write_text(
+        '[job]\nmax_run_time = "90m"\nstop_grace = 45\n'
+        '[aws]\nsubnets = ["subnet-0abc"]\nspot = true\n'
+    )
+    cfg = config.load(path)
+    shown = cfg.as_file()
+    assert shown["job"]["max_run_time"] == "90m"
+    assert shown["job"]["stop_grace"] == "45s"
+
+    again = config.parse(shown, root=tmp_path)
+    assert again == cfg
