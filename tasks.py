@@ -282,8 +282,8 @@ def launch(
 )
 @_clean_errors
 def promote(
-    c, config=None, image_parameter="", launch_template="", log_group="", image="",
-    job_image=None, command=None, env=None, timeout="30m", endpoint_url=None,
+    c, config=None, endpoint_url=None, image_parameter="", launch_template="",
+    log_group="", image="", job_image=None, command=None, env=None, timeout="30m",
 ):  # fmt: skip
     """Smoke-test the new AMI; point the launcher at it only if it passed."""
     from nightshift import promote as nspromote
@@ -353,8 +353,8 @@ def rollback(c, config=None, image_parameter="", to_version=None, endpoint_url=N
 )
 @_clean_errors
 def prune_amis(
-    c, config=None, image_parameter="", keep=None, keep_days=None,
-    pointer_versions=None, dry_run=False, endpoint_url=None,
+    c, config=None, endpoint_url=None, image_parameter="", keep=None,
+    keep_days=None, pointer_versions=None, dry_run=False,
 ):  # fmt: skip
     """Deregister old AMIs of this job and delete their snapshots."""
     from nightshift import prune
