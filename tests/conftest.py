@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import shutil
 import socket
+import subprocess
 from pathlib import Path
 
 import pytest
+import requests
 from moto.server import ThreadedMotoServer
 
 from nightshift import bake, config, jobimage, services
@@ -51,6 +53,23 @@ def moto_server():
     server.start()
     yield f"http://127.0.0.1:{port}"
     server.stop()
+
+
+@pytest.fixture
+def endpoint(moto_server, fake_credentials):
+    """The session's moto server, emptied first: each test makes its own data."""
+    requests.post(f"{moto_server}/moto-api/reset", timeout=10).raise_for_status()
+    return moto_server
+
+
+@pytest.fixture(scope="session")
+def keypair(tmp_path_factory) -> Path:
+    """A throwaway ed25519 key pair; returns the private key's path."""
+    key = tmp_path_factory.mktemp("key") / "id_ed25519"
+    subprocess.run(
+        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True
+    )
+    return key
 
 
 NEEDED = {

@@ -8,18 +8,11 @@ a real account.
 from __future__ import annotations
 
 import pytest
-import requests
 from deploy_support import make_config
 
 from nightshift import config as nsconfig
 
 ACCOUNT = "123456789012"  # moto's default account
-
-
-@pytest.fixture
-def endpoint(moto_server, fake_credentials):
-    requests.post(f"{moto_server}/moto-api/reset", timeout=10).raise_for_status()
-    return moto_server
 
 
 @pytest.fixture

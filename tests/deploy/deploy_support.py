@@ -8,6 +8,7 @@ import urllib.parse
 from pathlib import Path
 
 import boto3
+from moto_support import tagged_image
 
 from nightshift import config as nsconfig
 from nightshift.deploy import Names
@@ -52,19 +53,7 @@ class Aws:
 
     def register_image(self, project: str = "nightshift", job: str = "example") -> str:
         """A baked image as the bake tags it (available, owned by us)."""
-        image_id = self.ec2.register_image(
-            Name=f"{project}-{job}-test",
-            RootDeviceName="/dev/xvda",
-            BlockDeviceMappings=[{"DeviceName": "/dev/xvda", "Ebs": {"VolumeSize": 8}}],
-        )["ImageId"]
-        self.ec2.create_tags(
-            Resources=[image_id],
-            Tags=[
-                {"Key": "nightshift:project", "Value": project},
-                {"Key": "nightshift:job", "Value": job},
-            ],
-        )
-        return image_id
+        return tagged_image(self.ec2, f"{project}-{job}-test", project=project, job=job)
 
 
 def _policy(text: str) -> dict:

@@ -42,30 +42,21 @@ def wait_for_ssh(key: Path, port: int, vm: localrun.VM, timeout: float = 300) ->
 
 
 @pytest.fixture(scope="module")
-def ssh_key(tmp_path_factory) -> Path:
-    key = tmp_path_factory.mktemp("ssh") / "id_ed25519"
-    subprocess.run(
-        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True
-    )
-    return key
-
-
-@pytest.fixture(scope="module")
-def maintenance_vm(e2e_cfg, baked, ssh_key, tmp_path_factory):
+def maintenance_vm(e2e_cfg, baked, keypair, tmp_path_factory):
     vm = localrun.VM(
         e2e_cfg,
         baked,
         e2e_cfg.run_config(),
         tmp_path_factory.mktemp("maintenance"),
         maintenance=True,
-        ssh_public_key=ssh_key.with_suffix(".pub"),
+        ssh_public_key=keypair.with_suffix(".pub"),
     )
     with localrun.booted(vm):
-        wait_for_ssh(ssh_key, vm.ssh_port, vm)
+        wait_for_ssh(keypair, vm.ssh_port, vm)
         yield vm
         # Leave as a run would: the guest powers itself off.
         subprocess.run(
-            ["ssh", *SSH_OPTIONS.split(), "-i", str(ssh_key), "-p", str(vm.ssh_port),
+            ["ssh", *SSH_OPTIONS.split(), "-i", str(keypair), "-p", str(vm.ssh_port),
              "root@127.0.0.1", "systemctl poweroff"],
             capture_output=True,
         )  # fmt: skip
@@ -73,10 +64,10 @@ def maintenance_vm(e2e_cfg, baked, ssh_key, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def host(maintenance_vm, ssh_key):
+def host(maintenance_vm, keypair):
     return testinfra.get_host(
         f"ssh://root@127.0.0.1:{maintenance_vm.ssh_port}",
-        ssh_identity_file=str(ssh_key),
+        ssh_identity_file=str(keypair),
         ssh_extra_args=SSH_OPTIONS,
     )
 
@@ -149,11 +140,11 @@ def test_registry_settings(host, e2e_cfg):
     assert "auth" not in json.loads(client.content_string)
 
 
-def test_only_the_boot_supplied_key_is_authorized(host, ssh_key):
+def test_only_the_boot_supplied_key_is_authorized(host, keypair):
     authorized = (
         host.file("/root/.ssh/authorized_keys").content_string.strip().splitlines()
     )
-    assert authorized == [ssh_key.with_suffix(".pub").read_text().strip()]
+    assert authorized == [keypair.with_suffix(".pub").read_text().strip()]
     assert not host.file("/home/admin/.ssh/authorized_keys").exists
 
 
@@ -173,12 +164,12 @@ def test_no_secrets_on_disk(host):
     assert found.stdout.strip() == ""
 
 
-def test_role_is_idempotent(maintenance_vm, ssh_key, repo_root, e2e_cfg, tmp_path):
+def test_role_is_idempotent(maintenance_vm, keypair, repo_root, e2e_cfg, tmp_path):
     """Applying the role again to the baked image changes nothing."""
     inventory = tmp_path / "inventory.ini"
     inventory.write_text(
         f"vm ansible_host=127.0.0.1 ansible_port={maintenance_vm.ssh_port} "
-        f"ansible_user=root ansible_ssh_private_key_file={ssh_key}\n"
+        f"ansible_user=root ansible_ssh_private_key_file={keypair}\n"
     )
     playbook = tmp_path / "again.yml"
     playbook.write_text(

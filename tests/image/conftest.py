@@ -47,16 +47,6 @@ def packer_version() -> tuple[int, int, int]:
 
 
 @pytest.fixture(scope="session")
-def keypair(tmp_path_factory) -> Path:
-    """A throwaway ed25519 key pair; returns the private key's path."""
-    key = tmp_path_factory.mktemp("key") / "id_ed25519"
-    subprocess.run(
-        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True
-    )
-    return key
-
-
-@pytest.fixture(scope="session")
 def local_vars(tmp_path_factory, keypair) -> list[str]:
     """Packer -var flags for the local source, pointing at stand-in files."""
     base = tmp_path_factory.mktemp("base")

@@ -7,17 +7,10 @@ test builds the images, template and instances it needs itself.
 from __future__ import annotations
 
 import pytest
-import requests
 from launcher_support import ECR, JOB, PROJECT, Aws
 
 from nightshift.launch import load_launcher
 from nightshift.runconfig import RunConfig
-
-
-@pytest.fixture
-def endpoint(moto_server, fake_credentials):
-    requests.post(f"{moto_server}/moto-api/reset", timeout=10).raise_for_status()
-    return moto_server
 
 
 @pytest.fixture

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime
 from typing import Any
 
 import boto3
 from moto.core import DEFAULT_ACCOUNT_ID
-from moto.ec2.models import ec2_backends
+from moto_support import ec2_backend, tagged_image
 
 REGION = "eu-west-1"
 PROJECT = "nightshift"
@@ -40,7 +39,7 @@ class Aws:
 
     @property
     def backend(self):
-        return ec2_backends[DEFAULT_ACCOUNT_ID][REGION]
+        return ec2_backend(REGION)
 
     def image(
         self,
@@ -51,25 +50,11 @@ class Aws:
         state: str = "available",
         owner: str | None = None,
     ) -> str:
-        """Register an image, then set what the API cannot: date, state, owner."""
-        image_id = self.ec2.register_image(
-            Name=f"{project}-{job}-{created}",
-            RootDeviceName="/dev/xvda",
-            BlockDeviceMappings=[{"DeviceName": "/dev/xvda", "Ebs": {"VolumeSize": 8}}],
-        )["ImageId"]
-        self.ec2.create_tags(
-            Resources=[image_id],
-            Tags=[
-                {"Key": "nightshift:project", "Value": project},
-                {"Key": "nightshift:job", "Value": job},
-            ],
-        )
-        ami = self.backend.amis[image_id]
-        ami.creation_date = datetime.fromisoformat(created).replace(tzinfo=UTC)
-        ami.state = state
-        if owner:
-            ami.owner_id = owner
-        return image_id
+        """An image as the bake tags it, with its date, state and owner."""
+        return tagged_image(
+            self.ec2, f"{project}-{job}-{created}", project=project, job=job,
+            created=created, state=state, owner=owner,
+        )  # fmt: skip
 
     def template(self) -> str:
         return self.ec2.create_launch_template(

@@ -12,16 +12,14 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-import requests
 from rebuild_support import Aws
 
 
 @pytest.fixture
-def endpoint(moto_server, fake_credentials, monkeypatch):
+def endpoint(endpoint, monkeypatch):
     """A fresh moto; clients made without an endpoint (the agent's) go there too."""
-    requests.post(f"{moto_server}/moto-api/reset", timeout=10).raise_for_status()
-    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_server)
-    return moto_server
+    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+    return endpoint
 
 
 @pytest.fixture

@@ -5,12 +5,11 @@ from __future__ import annotations
 import base64
 import threading
 import time
-from datetime import UTC, datetime
 from typing import Any
 
 import boto3
 from moto.core import DEFAULT_ACCOUNT_ID
-from moto.ec2.models import ec2_backends
+from moto_support import ec2_backend, tagged_image
 
 from nightshift import agent
 from nightshift.runconfig import RunConfig
@@ -38,7 +37,7 @@ class Aws:
 
     @property
     def backend(self):
-        return ec2_backends[DEFAULT_ACCOUNT_ID][REGION]
+        return ec2_backend(REGION)
 
     def image(
         self,
@@ -48,21 +47,11 @@ class Aws:
         job: str = JOB,
         state: str = "available",
     ) -> str:
-        """Register a tagged image, then set what the API cannot: date, state."""
-        image_id = self.ec2.register_image(
-            Name=f"{project}-{job}-{created}", RootDeviceName="/dev/xvda"
-        )["ImageId"]
-        self.ec2.create_tags(
-            Resources=[image_id],
-            Tags=[
-                {"Key": "nightshift:project", "Value": project},
-                {"Key": "nightshift:job", "Value": job},
-            ],
-        )
-        ami = self.backend.amis[image_id]
-        ami.creation_date = datetime.fromisoformat(created).replace(tzinfo=UTC)
-        ami.state = state
-        return image_id
+        """An image as the bake tags it, with its creation date and state."""
+        return tagged_image(
+            self.ec2, f"{project}-{job}-{created}", project=project, job=job,
+            created=created, state=state,
+        )  # fmt: skip
 
     def snapshots(self) -> set[str]:
         found = self.ec2.describe_snapshots(OwnerIds=["self"])["Snapshots"]
