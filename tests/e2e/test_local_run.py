@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import socket
+from pathlib import Path
 
 import pytest
 
@@ -38,6 +39,11 @@ def test_job_succeeds(e2e_cfg, baked, job_pushed):
     timings = summary.timings
     assert 0 < timings["boot_to_job_start"] < timings["total"]
     assert timings["job_end_to_power_off"] is not None
+    # A run's console carries the run, not a login prompt or docker's
+    # complaint that there was no leftover container to remove.
+    console = Path(summary.console_log).read_text()
+    assert "No such container" not in console
+    assert " login:" not in console
 
 
 def test_job_failure_is_reported(e2e_cfg, baked, job_pushed):
