@@ -341,18 +341,7 @@ def run_container(config: RunConfig, result: Result) -> None:
             max_run_seconds=config.max_run_seconds,
             grace=config.stop_grace_seconds,
         )
-        # docker stop sends SIGTERM, then SIGKILL after the grace period.
-        docker(
-            "stop",
-            "--time",
-            str(config.stop_grace_seconds),
-            CONTAINER,
-            timeout=config.stop_grace_seconds + 30,
-        )
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
+        stop_container(process, config.stop_grace_seconds)
     relayer.join(timeout=5)
     result.timings["job_end"] = uptime()
 
@@ -387,6 +376,25 @@ def run_container(config: RunConfig, result: Result) -> None:
         result.reason = f"the job exited {code}"
     result.image_digest = result.image_digest or image_digest(config.image)
     result.peak_memory_bytes, result.cpu_seconds = cgroup_usage()
+
+
+def stop_container(process: subprocess.Popen, grace: int) -> None:
+    """SIGTERM the job, SIGKILL after grace, until `docker run` has returned.
+
+    One `docker stop` is not enough: a short maximum run time can fire while
+    `docker run` is still creating the container, when stop finds no container
+    (or a created one it leaves alone) and the client then starts it anyway.
+    """
+    deadline = time.monotonic() + grace + 30
+    while process.poll() is None and time.monotonic() < deadline:
+        # docker stop sends SIGTERM, then SIGKILL after the grace period.
+        docker("stop", "--time", str(grace), CONTAINER, timeout=grace + 30)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=1)
+    if process.poll() is None:
+        docker("kill", CONTAINER, timeout=30)
+        process.kill()
+        process.wait()
 
 
 def inspect_state() -> dict[str, Any]:
