@@ -6,6 +6,7 @@ configuration uses, so a wrong value stops with one line naming the field.
 
 from __future__ import annotations
 
+import functools
 import re
 import tomllib
 import urllib.parse
@@ -236,6 +237,7 @@ def parse(data: dict[str, Any], *, root: Path = Path(".")) -> Config:
                 name,
                 "use EC2 instance type names like 'm6i.large'",
             )
+        check_instance_type("aws.instance_types", name)
 
     local_defaults = LocalSettings()
     return Config(
@@ -419,3 +421,23 @@ def check_endpoint_url(name: str, value: Any) -> str:
             name, url, "use an http(s) URL like 'http://127.0.0.1:5001', or leave empty"
         )
     return url
+
+
+@functools.cache
+def instance_type_names() -> frozenset[str]:
+    """Every EC2 instance type name the installed botocore knows; no AWS call."""
+    import botocore.session  # 0.2 s with the model: paid once, when a file is read
+
+    model = botocore.session.get_session().get_service_model("ec2")
+    return frozenset(model.shape_for("InstanceType").enum)
+
+
+def check_instance_type(field_name: str, name: str) -> None:
+    """Refuse a name EC2 does not have, listing its family's sizes when known."""
+    known = instance_type_names()
+    if name in known:
+        return
+    family = name.split(".")[0]
+    close = sorted(t for t in known if t.split(".")[0] == family)
+    hint = f"; {family} has: {', '.join(close)}" if close else ""
+    raise ConfigError(field_name, name, f"not an EC2 instance type{hint}")

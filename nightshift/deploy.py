@@ -95,18 +95,9 @@ class Names:
 def check(cfg: Config) -> None:
     """Refuse settings AWS would refuse halfway through; raise ConfigError.
 
-    The schedule's EventBridge rules are checked when the file is read
-    (config.check_schedule), so a bad cron never gets this far.
+    The schedule's EventBridge rules and the instance type names are checked
+    when the file is read (nightshift.config), so they never get this far.
     """
-    known = _instance_type_names()
-    for name in cfg.aws.instance_types:
-        if name not in known:
-            close = sorted(t for t in known if t.split(".")[0] == name.split(".")[0])
-            hint = f"; {name.split('.')[0]} has: {', '.join(close)}" if close else ""
-            raise ConfigError(
-                "aws.instance_types", name, f"not an EC2 instance type{hint}"
-            )
-
     if cfg.aws.log_retention_days not in LOG_RETENTION_DAYS:
         raise ConfigError(
             "aws.log_retention_days",
@@ -164,14 +155,6 @@ def success_window_hours(cfg: Config) -> int:
     )
     hours = -(-(gap + budget) // 3600) + 1
     return min(hours, MAX_SUCCESS_WINDOW_HOURS)
-
-
-def _instance_type_names() -> frozenset[str]:
-    """Every instance type name this botocore knows, without asking AWS."""
-    import botocore.session
-
-    model = botocore.session.get_session().get_service_model("ec2")
-    return frozenset(model.shape_for("InstanceType").enum)
 
 
 # --- the connection ----------------------------------------------------------

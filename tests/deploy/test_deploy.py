@@ -335,7 +335,8 @@ def test_config_errors_stop_before_any_aws_call(
 ):
     """One line naming the field; boto3 is never even asked for a session.
 
-    A bad schedule stops when the file is read, the others in deploy's checks.
+    A bad schedule or instance type stops when the file is read, the others in
+    deploy's checks.
     """
     import boto3.session
 

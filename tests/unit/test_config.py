@@ -32,6 +32,7 @@ def test_missing_file_gives_defaults(tmp_path):
         ('[schedule]\ncron = "rate(1 days)"', "schedule.cron"),
         ('[aws]\nendpoint_url = "localhost:5001"', "aws.endpoint_url"),
         ('[aws]\ninstance_types = ["huge"]', "aws.instance_types"),
+        ('[aws]\ninstance_types = ["m6i.huge"]', "aws.instance_types"),
         ('[aws]\nregion = "mars"', "aws.region"),
         ('[aws]\noverlap_policy = "queue"', "aws.overlap_policy"),
         ('[project]\njob = "My Job"', "project.job"),
