@@ -400,12 +400,25 @@ def run(
         f"{accelerator or cfg.local.accelerator}, "
         f"power-off expected within {bound:.0f}s)\n"
     )
-    with booted(vm):
-        powered_off = vm.wait(bound)
-        if not powered_off:
-            out.write(f"the VM is still up after {bound:.0f}s: killing it\n")
+    try:
+        with booted(vm):
+            powered_off = vm.wait(bound)
+            if not powered_off:
+                out.write(f"the VM is still up after {bound:.0f}s: killing it\n")
+    except KeyboardInterrupt:
+        # The run's folder still tells what happened before the Ctrl-C.
+        summary = summarise(vm, killed=True)
+        summary.outcome = "killed"
+        summary.reason = "interrupted (Ctrl-C): the host stopped the VM"
+        _keep(summary, workdir)
+        raise
     summary = summarise(vm, killed=not powered_off)
+    _keep(summary, workdir)
+    return summary
+
+
+def _keep(summary: Summary, workdir: Path) -> None:
+    """Write the run's result.json beside its console; drop the spent overlay."""
     summary.console_log = str(workdir / "console.log")
     (workdir / "result.json").write_text(json.dumps(summary.to_dict(), indent=2))
-    (workdir / "disk.qcow2").unlink(missing_ok=True)  # the overlay is spent
-    return summary
+    (workdir / "disk.qcow2").unlink(missing_ok=True)

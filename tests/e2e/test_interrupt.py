@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -75,3 +76,9 @@ def test_ctrl_c_stops_the_vm_and_the_registry(e2e_cfg, baked, repo_root, tmp_pat
     assert "Traceback" not in said
     assert qemu_processes(run_id) == []
     assert not services.registry_answers(port)
+    # The run's folder says it was interrupted, and its overlay is gone.
+    workdir = e2e_cfg.build_dir / "runs" / run_id
+    record = json.loads((workdir / "result.json").read_text())
+    assert record["outcome"] == "killed"
+    assert "interrupted" in record["reason"]
+    assert not (workdir / "disk.qcow2").exists()
