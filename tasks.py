@@ -76,7 +76,7 @@ def _endpoint(cfg, option_value):
 def _env_pairs(items) -> dict[str, str]:
     """NAME=VALUE options as a mapping; the run configuration checks the names."""
     for item in items or ():
-        if "=" not in item:
+        if not item.partition("=")[0] or "=" not in item:
             raise ConfigError("--env", item, "use NAME=VALUE")
     return dict(item.split("=", 1) for item in items or ())
 
@@ -110,7 +110,7 @@ def config(c, config=None, json_output=False):
 )
 @_clean_errors
 def base_image(c, config=None, force=False):
-    """Build the local Debian 12 base disk (debootstrap), cached by its inputs."""
+    """Build the local Debian 12 base disk (mmdebstrap), cached by its inputs."""
     from nightshift import baseimage
 
     base = baseimage.ensure(_load(config), force=force)
@@ -178,6 +178,8 @@ def run(
     from nightshift import bake, localrun, services
     from nightshift.runconfig import check_choice, parse_duration
 
+    if target == "aws":
+        raise ConfigError("--target", target, "runs on AWS start with `invoke run-now`")
     check_choice("--target", target, ("local",))
     if accelerator:
         check_choice("--accelerator", accelerator, ("tcg", "kvm"))
@@ -207,7 +209,7 @@ def run(
 )
 @_clean_errors
 def demo(c, config=None, accelerator=None):
-    """The whole local pipeline: base image, bake, job image, run, summary."""
+    """The whole local pipeline: base image, job image, bake, run, summary."""
     from nightshift.demo import demo as run_demo
 
     run_demo(_load(config), accelerator=accelerator)

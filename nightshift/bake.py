@@ -543,12 +543,16 @@ def newest_local_image(cfg: Config, name: str | None = None) -> LocalImage:
                     )
                 return image
         raise NightshiftError(
-            f"no local image named {name}; `invoke images` lists them"
+            f"no local image named {name} in {manifest_path(cfg)}; "
+            "`invoke images` lists them"
         )
     try:
         chosen = selection.newest_image(
             [image.to_candidate() for image in images], project=cfg.project, job=cfg.job
         )
     except selection.NoImageError as err:
-        raise NightshiftError(f"{err}; run `invoke bake-ami`") from err
+        # build_dir is relative to the project file, so name the folder read.
+        raise NightshiftError(
+            f"{err} in {manifest_path(cfg)}; run `invoke bake-ami`"
+        ) from err
     return next(image for image in images if image.name == chosen.image_id)

@@ -1,4 +1,4 @@
-"""The whole local pipeline in one go: base image, bake, job image, run.
+"""The whole local pipeline in one go: base image, job image, bake, run.
 
 Each step says what it does and how long it took; what is cached is reused,
 so a second demo only rebuilds what changed and runs the job again.
@@ -46,7 +46,7 @@ def demo(
 ) -> Summary:
     """Run every step; raise RunFailed when the job did not succeed."""
     steps = Steps(out)
-    with steps.step("base image (debootstrap, cached)"):
+    with steps.step("base image (mmdebstrap, cached by its inputs)"):
         base = baseimage.ensure(cfg)
         out.write(f"    {base.disk}\n")
     with services.registry(cfg):

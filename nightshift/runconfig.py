@@ -52,7 +52,8 @@ def parse_duration(field_name: str, value: Any, *, minimum: int = 1) -> int:
             field_name, value, "use seconds or a number with s, m, h or d (e.g. '30m')"
         )
     if seconds < minimum:
-        raise ConfigError(field_name, value, f"use at least {minimum} seconds")
+        unit = "second" if minimum == 1 else "seconds"
+        raise ConfigError(field_name, value, f"use at least {minimum} {unit}")
     return seconds
 
 
