@@ -31,6 +31,9 @@ from nightshift.errors import NightshiftError, ToolMissing
 from nightshift.runconfig import ConfigError, check_choice
 
 TARGETS = ("local", "aws")
+# nightshift's own files (packer/, ansible/, the agent) sit beside this
+# package, wherever the project file that --config names may be.
+SOURCE = Path(__file__).resolve().parent.parent
 TEMPLATE_DIR = "packer"
 PLAYBOOK = "ansible/playbook.yml"
 ROLES = ("nightshift", "nightshift_cleanup")
@@ -145,7 +148,7 @@ def stage_legacy(template: Path, dest: Path) -> Path:
 def template_dir(cfg: Config, version: tuple[int, int, int], target: str) -> Path:
     """The directory Packer builds from, staged for old Packer when needed."""
     check_choice("target", target, TARGETS)
-    template = cfg.root / TEMPLATE_DIR
+    template = SOURCE / TEMPLATE_DIR
     if target == "aws" and version < AWS_PACKER:
         raise NightshiftError(
             f"--target aws needs Packer >= 1.10 with `packer init` (the amazon "
@@ -259,27 +262,27 @@ def bake(
             accelerator=accelerator,
             base=base,
             key_dir=key_dir,
-            git_revision=git_revision(cfg.root),
+            git_revision=git_revision(SOURCE),
             warm_image=cfg.local_image() if warm_cache else "",
         )
         (cfg.build_dir / "logs").mkdir(parents=True, exist_ok=True)
         env = _packer_env(cfg)
         if version >= MODERN_PACKER:
-            _run(["packer", "init", str(directory)], cfg.root, env)
+            _run(["packer", "init", str(directory)], SOURCE, env)
         args = [f"-var={name}={value}" for name, value in variables.items()]
         only = "qemu.local" if target == "local" else "amazon-ebs.aws"
         # -only: the other source's checks (AWS region lookups) stay out of
         # a local bake, and the local source's files out of an AMI bake.
         _run(
             ["packer", "validate", f"-only={only}", *args, str(directory)],
-            cfg.root,
+            SOURCE,
             env,
         )
 
         started = time.monotonic()
         _run(
             ["packer", "build", "-color=false", f"-only={only}", *args, str(directory)],
-            cfg.root,
+            SOURCE,
             env,
             failure=(
                 "packer build failed; the output above says where, and the VM "
@@ -311,14 +314,14 @@ def inputs_key(cfg: Config, base: baseimage.BaseImage, warm_image: str = "") -> 
     digest.update("/".join(map(str, names)).encode())
     files = sorted(
         [
-            *(cfg.root / TEMPLATE_DIR).glob("*.pkr.hcl"),
-            *(cfg.root / "ansible").rglob("*"),
+            *(SOURCE / TEMPLATE_DIR).glob("*.pkr.hcl"),
+            *(SOURCE / "ansible").rglob("*"),
         ]
-        + [cfg.root / "nightshift" / name for name in AGENT_FILES]
+        + [SOURCE / "nightshift" / name for name in AGENT_FILES]
     )
     for path in files:
         if path.is_file():
-            digest.update(str(path.relative_to(cfg.root)).encode() + b"\0")
+            digest.update(str(path.relative_to(SOURCE)).encode() + b"\0")
             digest.update(path.read_bytes() + b"\0")
     return digest.hexdigest()[:16]
 
@@ -364,11 +367,8 @@ def git_revision(root: Path) -> str:
 def _check_inputs(cfg: Config, target: str) -> None:
     missing = [
         path
-        for path in [cfg.root / PLAYBOOK]
-        + [
-            cfg.root / "ansible" / "roles" / role / "tasks" / "main.yml"
-            for role in ROLES
-        ]
+        for path in [SOURCE / PLAYBOOK]
+        + [SOURCE / "ansible" / "roles" / role / "tasks" / "main.yml" for role in ROLES]
         if not path.is_file()
     ]
     if missing:
@@ -405,7 +405,7 @@ def _new_key_dir(cfg: Config) -> Path:
             "-f",
             str(key_dir / "id_ed25519"),
         ],
-        cfg.root,
+        SOURCE,
         None,
     )
     return key_dir

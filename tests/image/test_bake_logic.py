@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from nightshift import bake, services
+from nightshift import bake, baseimage, services
 from nightshift import config as nsconfig
 from nightshift.errors import NightshiftError
 from nightshift.runconfig import ConfigError
@@ -142,6 +142,23 @@ def test_warm_cache_needs_the_job_image_before_any_vm(tmp_path, no_external_comm
     with pytest.raises(NightshiftError, match="invoke job-image"):
         bake.bake(empty, warm_cache=True)
     assert not services.registry_answers(port), "the bake left its registry running"
+
+
+def test_a_project_file_elsewhere_bakes_nightshifts_own_template(tmp_path):
+    """--config in another folder: the template, role and agent still come
+    from nightshift, so the inputs are the same and change with its files."""
+    base = baseimage.BaseImage(
+        disk=tmp_path / "disk.qcow2", kernel=tmp_path / "k", initrd=tmp_path / "i",
+        key="0123456789abcdef",
+    )  # fmt: skip
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    here = nsconfig.parse({}, root=ROOT)
+    there = nsconfig.parse({}, root=elsewhere)
+
+    assert bake.SOURCE == ROOT
+    assert bake.inputs_key(there, base) == bake.inputs_key(here, base)
+    assert bake.inputs_key(there, base) != bake.inputs_key(there, base, "other:1")
 
 
 # --- the manifest ---
