@@ -108,11 +108,11 @@ def reference_key(cfg: Config, base: baseimage.BaseImage, *, warm_cache: bool) -
     files = sorted(
         path
         for folder in REFERENCE_INPUTS
-        for path in (cfg.root / folder).rglob("*")
+        for path in (bake.SOURCE / folder).rglob("*")
         if path.is_file() and "__pycache__" not in path.parts
     )
     for path in files:
-        digest.update(str(path.relative_to(cfg.root)).encode() + b"\0")
+        digest.update(str(path.relative_to(bake.SOURCE)).encode() + b"\0")
         digest.update(path.read_bytes() + b"\0")
     return digest.hexdigest()[:16]
 
@@ -175,7 +175,7 @@ def bake_reference(
             accelerator=accelerator,
             base=base,
             key_dir=key_dir,
-            git_revision=bake.git_revision(cfg.root),
+            git_revision=bake.git_revision(bake.SOURCE),
             warm_image=cfg.local_image() if warm_cache else "",
         )
         variables |= {"inputs_key": key, "playbook_file": REFERENCE_PLAYBOOK}
@@ -183,19 +183,19 @@ def bake_reference(
         env = bake._packer_env(ref_cfg) | {
             "NIGHTSHIFT_BENCH_VARS": str(vars_file),
             # The playbook borrows the cleanup role from ansible/roles.
-            "ANSIBLE_ROLES_PATH": str(cfg.root / "ansible" / "roles"),
+            "ANSIBLE_ROLES_PATH": str(bake.SOURCE / "ansible" / "roles"),
         }
         args = [f"-var={name}={value}" for name, value in variables.items()]
         bake._run(
             ["packer", "validate", "-only=qemu.local", *args, str(directory)],
-            cfg.root,
+            bake.SOURCE,
             env,
         )
         started = time.monotonic()
         bake._run(
             ["packer", "build", "-color=false", "-only=qemu.local", *args,
              str(directory)],
-            cfg.root,
+            bake.SOURCE,
             env,
             failure=(
                 "the reference bake failed; the output above says where, and the "
@@ -639,7 +639,7 @@ def measure_bake_times(
 def second_ansible_run(
     cfg: Config, image: bake.LocalImage, *, accelerator: str | None = None
 ) -> tuple[float, int]:
-    """Boot the image for maintenance and run the bake's playbook on it again."""
+    """Boot the image for maintenance and apply the bake's role to it again."""
     work = cfg.build_dir / "rerun"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
@@ -668,34 +668,66 @@ def second_ansible_run(
                     f"no SSH on the maintenance VM; console: {vm.workdir}/console.log"
                 )
             time.sleep(3)
-        extra = {
-            "nightshift_target": "local",
-            "nightshift_project": cfg.project,
-            "nightshift_job": cfg.job,
-            "nightshift_registry": cfg.guest_registry,
-            "nightshift_registry_insecure": True,
-            "nightshift_boot_dir": str(work / "boot"),
-            "nightshift_warm_image": cfg.local_image(),
-        }
-        env = bake._packer_env(cfg) | {
-            "ANSIBLE_CONFIG": str(cfg.root / "ansible" / "ansible.cfg"),
-            "ANSIBLE_HOST_KEY_CHECKING": "False",
-        }
-        command = [
-            "ansible-playbook", "-i", f"127.0.0.1:{vm.ssh_port},",
-            "-u", "root", "--private-key", str(key),
-            "--extra-vars", json.dumps(extra),
-            str(cfg.root / bake.PLAYBOOK),
-        ]  # fmt: skip
-        print("+ " + " ".join(command), flush=True)
-        began = time.monotonic()
-        done = subprocess.run(command, env=env, capture_output=True, text=True)
-        seconds = time.monotonic() - began
-        sys.stdout.write(done.stdout[-3000:])
-        if done.returncode != 0:
-            raise NightshiftError(
-                f"the second Ansible run failed (exit {done.returncode}); "
-                f"its output is above"
-            )
+        rerun = reapply_role(cfg, ssh_port=vm.ssh_port, key=key, work=work)
+    sys.stdout.write(rerun.output[-3000:])
+    if rerun.returncode != 0:
+        raise NightshiftError(
+            f"the second Ansible run failed (exit {rerun.returncode}); "
+            "its output is above"
+        )
+    return rerun.seconds, rerun.changed
+
+
+@dataclass
+class RoleRun:
+    returncode: int
+    seconds: float
+    changed: int  # from the play recap; -1 when there was none
+    output: str
+
+
+def reapply_role(cfg: Config, *, ssh_port: int, key: Path, work: Path) -> RoleRun:
+    """Apply the nightshift role once more to a provisioned guest over SSH.
+
+    The role alone, as the bake applied it: the cleanup role after it is
+    meant to change a booted machine (machine-id, host keys), the role not.
+    """
+    work.mkdir(parents=True, exist_ok=True)
+    # A host named 127.0.0.1 would also stand for localhost, and the role's
+    # delegate_to: localhost checks would then run in the guest.
+    inventory = work / "inventory.ini"
+    inventory.write_text(
+        f"guest ansible_host=127.0.0.1 ansible_port={ssh_port} "
+        f"ansible_user=root ansible_ssh_private_key_file={key}\n"
+    )
+    playbook = work / "reapply.yml"
+    playbook.write_text(
+        "- name: Apply the nightshift role again\n"
+        "  hosts: all\n  gather_facts: true\n  roles:\n    - role: nightshift\n"
+    )
+    extra = {
+        "nightshift_target": "local",
+        "nightshift_project": cfg.project,
+        "nightshift_job": cfg.job,
+        "nightshift_registry": cfg.guest_registry,
+        "nightshift_registry_insecure": True,
+        "nightshift_agent_source": str(bake.SOURCE / "nightshift"),
+    }
+    ansible = bake.SOURCE / "ansible"
+    env = bake._packer_env(cfg) | {
+        "ANSIBLE_CONFIG": str(ansible / "ansible.cfg"),
+        "ANSIBLE_ROLES_PATH": str(ansible / "roles"),
+    }
+    command = ["ansible-playbook", "-i", str(inventory),
+               "--extra-vars", json.dumps(extra), str(playbook)]  # fmt: skip
+    print("+ " + " ".join(command), flush=True)
+    began = time.monotonic()
+    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    seconds = time.monotonic() - began
     match = re.search(r"changed=(\d+)", done.stdout.rsplit("PLAY RECAP", 1)[-1])
-    return seconds, int(match.group(1)) if match else -1
+    return RoleRun(
+        returncode=done.returncode,
+        seconds=round(seconds, 1),
+        changed=int(match.group(1)) if match else -1,
+        output=done.stdout + done.stderr,
+    )

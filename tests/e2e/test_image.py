@@ -9,14 +9,13 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import testinfra
 
-from nightshift import localrun
+from nightshift import bench, localrun
 
 pytestmark = [pytest.mark.vm, pytest.mark.image]
 
@@ -164,29 +163,10 @@ def test_no_secrets_on_disk(host):
     assert found.stdout.strip() == ""
 
 
-def test_role_is_idempotent(maintenance_vm, keypair, repo_root, e2e_cfg, tmp_path):
+def test_role_is_idempotent(maintenance_vm, keypair, e2e_cfg, tmp_path):
     """Applying the role again to the baked image changes nothing."""
-    inventory = tmp_path / "inventory.ini"
-    inventory.write_text(
-        f"vm ansible_host=127.0.0.1 ansible_port={maintenance_vm.ssh_port} "
-        f"ansible_user=root ansible_ssh_private_key_file={keypair}\n"
+    again = bench.reapply_role(
+        e2e_cfg, ssh_port=maintenance_vm.ssh_port, key=keypair, work=tmp_path
     )
-    playbook = tmp_path / "again.yml"
-    playbook.write_text(
-        "- hosts: all\n  gather_facts: true\n  roles:\n    - role: nightshift\n"
-    )
-    done = subprocess.run(
-        [str(Path(sys.executable).parent / "ansible-playbook"), "-i", str(inventory),
-         str(playbook),
-         "-e", f"nightshift_agent_source={repo_root / 'nightshift'}",
-         "-e", f"nightshift_registry={e2e_cfg.guest_registry}",
-         "-e", f"nightshift_project={e2e_cfg.project}",
-         "-e", f"nightshift_job={e2e_cfg.job}"],
-        capture_output=True, text=True, timeout=1200,
-        env={"ANSIBLE_CONFIG": str(repo_root / "ansible/ansible.cfg"),
-             "ANSIBLE_ROLES_PATH": str(repo_root / "ansible/roles"),
-             "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin"},
-    )  # fmt: skip
-    assert done.returncode == 0, done.stdout[-3000:]
-    recap = re.search(r"changed=(\d+)", done.stdout.split("PLAY RECAP")[-1])
-    assert recap and recap.group(1) == "0", done.stdout[-3000:]
+    assert again.returncode == 0, again.output[-3000:]
+    assert again.changed == 0, again.output[-3000:]
