@@ -292,7 +292,10 @@ def docker_ready(timeout: float = 30.0) -> str:
 
 def run_arguments(config: RunConfig) -> list[str]:
     """The `docker run` command line for the job container."""
-    args = ["run", "--name", CONTAINER, "--cgroup-parent", SLICE]
+    # --init: Docker's tini is PID 1 and passes SIGTERM on. A job running as
+    # PID 1 itself gets no default action for it, so one that has not set a
+    # handler (yet) would ignore the stop and wait out the grace for SIGKILL.
+    args = ["run", "--name", CONTAINER, "--init", "--cgroup-parent", SLICE]
     if config.log.driver == "awslogs":
         args += [
             "--log-driver=awslogs",

@@ -127,6 +127,8 @@ def test_run_arguments_keep_values_off_the_command_line():
     assert args[-3:] == [IMAGE, "a", "b"]
     assert args[args.index("--env") : args.index("--env") + 2] == ["--env", "TOKENISH"]
     assert "--name" in args and agent.CONTAINER in args
+    # An init passes the stop's SIGTERM to a job that runs no handler.
+    assert "--init" in args
 
 
 @pytest.mark.parametrize(
