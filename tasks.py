@@ -76,7 +76,8 @@ def _endpoint(cfg, option_value):
 def _env_pairs(items) -> dict[str, str]:
     """NAME=VALUE options as a mapping; the run configuration checks the names."""
     for item in items or ():
-        if not item.partition("=")[0] or "=" not in item:
+        name, equals, _value = item.partition("=")
+        if not (name and equals):
             raise ConfigError("--env", item, "use NAME=VALUE")
     return dict(item.split("=", 1) for item in items or ())
 

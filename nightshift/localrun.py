@@ -408,7 +408,6 @@ def run(
     except KeyboardInterrupt:
         # The run's folder still tells what happened before the Ctrl-C.
         summary = summarise(vm, killed=True)
-        summary.outcome = "killed"
         summary.reason = "interrupted (Ctrl-C): the host stopped the VM"
         _keep(summary, workdir)
         raise
