@@ -447,13 +447,49 @@ def _run(
     env: dict[str, str] | None,
     failure: str | None = None,
 ) -> None:
-    """Echo a command, run it with its output streaming, fail in one line."""
+    """Echo a command, run it with its output streaming, fail in a few lines.
+
+    The error carries the lines that said what went wrong (Packer's
+    "errored", Ansible's "fatal:" and the message under it), so a failure is
+    readable from the exception alone, even where the streamed output was cut.
+    """
     print("+ " + " ".join(command), flush=True)
-    result = subprocess.run(command, cwd=cwd, env=env, check=False)
-    if result.returncode != 0:
-        raise NightshiftError(
-            failure or f"{command[0]} {command[1]} failed (exit {result.returncode})"
-        )
+    evidence: list[str] = []
+    following = 0
+    with subprocess.Popen(
+        command,
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        errors="replace",
+    ) as process:
+        assert process.stdout is not None
+        for line in process.stdout:
+            sys.stdout.write(line)
+            sys.stdout.flush()
+            text = line.rstrip()
+            if _FAILURE_LINE.search(text):
+                following = _LINES_AFTER_FAILURE
+                evidence.append(text)
+            elif following and text:
+                following -= 1
+                evidence.append(text)
+    if process.returncode != 0:
+        status = process.returncode
+        message = failure or f"{command[0]} {command[1]} failed (exit {status})"
+        if evidence:
+            shown = [line[:300] for line in evidence[-_MAX_EVIDENCE:]]
+            message += "\n  " + "\n  ".join(shown)
+        raise NightshiftError(message)
+
+
+# Packer's and Ansible's ways of saying what failed, and how much of what
+# follows such a line (Ansible's YAML message) to keep with it.
+_FAILURE_LINE = re.compile(r"errored|fatal:|\bTimeout\b|Error executing|FAILED!")
+_LINES_AFTER_FAILURE = 6
+_MAX_EVIDENCE = 20
 
 
 def _dotted(version: tuple[int, int, int]) -> str:

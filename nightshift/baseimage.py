@@ -38,6 +38,9 @@ MIRRORS = (
     "deb http://deb.debian.org/debian bookworm-updates main",
     "deb http://deb.debian.org/debian-security bookworm-security main",
 )
+# Mirrors drop a download now and then: apt retries it, here and in the image
+# (mmdebstrap leaves the option there), where the bake installs Docker.
+APT_OPTIONS = ('Acquire::Retries "3"',)
 PACKAGES = (
     "systemd",
     "systemd-sysv",
@@ -159,6 +162,7 @@ def inputs() -> dict[str, object]:
         "suite": SUITE,
         "variant": VARIANT,
         "mirrors": list(MIRRORS),
+        "apt_options": list(APT_OPTIONS),
         "packages": list(PACKAGES),
         "disk_size": DISK_SIZE,
         "files": {path: [text, mode] for path, (text, mode) in sorted(FILES.items())},
@@ -224,6 +228,7 @@ def _build(base_root: Path, key: str) -> BaseImage:
                 "mmdebstrap",
                 f"--variant={VARIANT}",
                 "--mode=root",
+                *(f"--aptopt={option}" for option in APT_OPTIONS),
                 f"--include={','.join(PACKAGES)}",
                 SUITE,
                 str(root),

@@ -281,3 +281,31 @@ def test_local_image_converts_to_a_candidate(three_images):
         False,
         "self",
     )
+
+
+def test_a_failed_step_names_what_went_wrong_in_its_error(tmp_path, capsys):
+    """The error carries Packer's and Ansible's failure lines, not just a pointer."""
+    script = tmp_path / "step.sh"
+    script.write_text(
+        "echo '==> qemu.local: Provisioning with Ansible...'\n"
+        "echo 'TASK [nightshift : Pull the job image] ***'\n"
+        "echo 'fatal: [default]: FAILED! => changed=false'\n"
+        "echo '  msg: manifest unknown'\n"
+        "echo \"Build 'qemu.local' errored after 2 minutes: Error executing Ansible\"\n"
+        "exit 1\n"
+    )
+    with pytest.raises(NightshiftError) as failed:
+        bake._run(["sh", str(script)], tmp_path, None, failure="packer build failed")
+    message = str(failed.value)
+    assert message.startswith("packer build failed\n")
+    assert "fatal: [default]: FAILED!" in message
+    assert "msg: manifest unknown" in message
+    assert "errored after 2 minutes" in message
+    assert "Provisioning with Ansible" not in message
+    # Everything was still streamed as it came.
+    assert "Provisioning with Ansible" in capsys.readouterr().out
+
+
+def test_a_step_that_succeeds_raises_nothing(tmp_path, capsys):
+    bake._run(["sh", "-c", "echo fine"], tmp_path, None)
+    assert capsys.readouterr().out.endswith("fine\n")
