@@ -1,4 +1,4 @@
-"""What the moto-backed tests share: a baked image as the bake tags it.
+"""What the moto-backed tests share: clients, and a baked image as the bake tags it.
 
 The EC2 API cannot set an image's creation date, state or owner, so these
 are set on moto's backend after registering, as a real bake would leave them.
@@ -7,11 +7,15 @@ are set on moto's backend after registering, as a real bake would leave them.
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import Any
 
+import boto3
 from moto.core import DEFAULT_ACCOUNT_ID
 from moto.ec2.models import ec2_backends
 
 REGION = "eu-west-1"
+PROJECT = "nightshift"
+JOB = "example"
 
 
 def ec2_backend(region: str = REGION):
@@ -22,8 +26,8 @@ def tagged_image(
     ec2,
     name: str,
     *,
-    project: str = "nightshift",
-    job: str = "example",
+    project: str = PROJECT,
+    job: str = JOB,
     created: str | None = None,
     state: str | None = None,
     owner: str | None = None,
@@ -49,3 +53,44 @@ def tagged_image(
     if owner:
         ami.owner_id = owner
     return image_id
+
+
+class MotoAws:
+    """Clients against one moto (server or mock_aws), and a hand into EC2's.
+
+    A subclass names the services its tests talk to in SERVICES; each becomes
+    an attribute holding its client.
+    """
+
+    SERVICES: tuple[str, ...] = ("ec2",)
+
+    def __init__(self, endpoint: str | None = None):
+        self.endpoint = endpoint
+        for name in self.SERVICES:
+            client = boto3.client(name, region_name=REGION, endpoint_url=endpoint)
+            setattr(self, name, client)
+
+    @property
+    def backend(self):
+        return ec2_backend(REGION)
+
+    def image(
+        self,
+        created: str,
+        *,
+        project: str = PROJECT,
+        job: str = JOB,
+        state: str = "available",
+        owner: str | None = None,
+    ) -> str:
+        """An image as the bake tags it, with its date, state and owner."""
+        return tagged_image(
+            self.ec2, f"{project}-{job}-{created}", project=project, job=job,
+            created=created, state=state, owner=owner,
+        )  # fmt: skip
+
+    def template(self, name: str = f"{PROJECT}-{JOB}", **data: Any) -> str:
+        return self.ec2.create_launch_template(
+            LaunchTemplateName=name,
+            LaunchTemplateData={"InstanceType": "t3.micro", **data},
+        )["LaunchTemplate"]["LaunchTemplateId"]

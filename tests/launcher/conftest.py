@@ -7,7 +7,8 @@ test builds the images, template and instances it needs itself.
 from __future__ import annotations
 
 import pytest
-from launcher_support import ECR, JOB, PROJECT, Aws
+from launcher_support import ECR, Aws
+from moto_support import JOB, PROJECT
 
 from nightshift.launch import load_launcher
 from nightshift.runconfig import RunConfig

@@ -5,13 +5,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import boto3
 from moto.core import DEFAULT_ACCOUNT_ID
-from moto_support import ec2_backend, tagged_image
+from moto_support import REGION, MotoAws
 
-REGION = "eu-west-1"
-PROJECT = "nightshift"
-JOB = "example"
 ECR = f"{DEFAULT_ACCOUNT_ID}.dkr.ecr.{REGION}.amazonaws.com"
 # A scheduled event as an EventBridge rule delivers it.
 TICK = {
@@ -27,40 +23,10 @@ TICK = {
 }
 
 
-class Aws:
-    """Clients against the moto server, and a hand into its EC2 backend."""
+class Aws(MotoAws):
+    """The launcher's services on moto, and what its tests read back."""
 
-    def __init__(self, endpoint: str):
-        self.endpoint = endpoint
-        self.ec2 = boto3.client("ec2", region_name=REGION, endpoint_url=endpoint)
-        self.ssm = boto3.client("ssm", region_name=REGION, endpoint_url=endpoint)
-        self.sns = boto3.client("sns", region_name=REGION, endpoint_url=endpoint)
-        self.sqs = boto3.client("sqs", region_name=REGION, endpoint_url=endpoint)
-
-    @property
-    def backend(self):
-        return ec2_backend(REGION)
-
-    def image(
-        self,
-        created: str,
-        *,
-        project: str = PROJECT,
-        job: str = JOB,
-        state: str = "available",
-        owner: str | None = None,
-    ) -> str:
-        """An image as the bake tags it, with its date, state and owner."""
-        return tagged_image(
-            self.ec2, f"{project}-{job}-{created}", project=project, job=job,
-            created=created, state=state, owner=owner,
-        )  # fmt: skip
-
-    def template(self) -> str:
-        return self.ec2.create_launch_template(
-            LaunchTemplateName=f"{PROJECT}-{JOB}",
-            LaunchTemplateData={"InstanceType": "t3.micro"},
-        )["LaunchTemplate"]["LaunchTemplateId"]
+    SERVICES = ("ec2", "ssm", "sns", "sqs")
 
     def subnets(self) -> list[str]:
         subnets = self.ec2.describe_subnets()["Subnets"]

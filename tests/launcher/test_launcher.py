@@ -7,7 +7,8 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 from botocore.exceptions import ClientError
-from launcher_support import JOB, PROJECT, TICK
+from launcher_support import TICK
+from moto_support import JOB, PROJECT
 
 from nightshift.runconfig import ConfigError, RunConfig
 from nightshift.selection import NoImageError

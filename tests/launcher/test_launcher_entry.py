@@ -12,7 +12,8 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from launcher_support import JOB, PROJECT, TICK
+from launcher_support import TICK
+from moto_support import JOB, PROJECT
 
 from nightshift.errors import NightshiftError
 from nightshift.launch import describe, lambda_zip, launch

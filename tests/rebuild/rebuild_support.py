@@ -7,16 +7,12 @@ import threading
 import time
 from typing import Any
 
-import boto3
 from moto.core import DEFAULT_ACCOUNT_ID
-from moto_support import ec2_backend, tagged_image
+from moto_support import JOB, REGION, MotoAws
 
 from nightshift import agent
 from nightshift.runconfig import RunConfig
 
-REGION = "eu-west-1"
-PROJECT = "nightshift"
-JOB = "example"
 PARAMETER = "/nightshift/example/image"
 LOG_GROUP = "/nightshift/example"
 ECR = f"{DEFAULT_ACCOUNT_ID}.dkr.ecr.{REGION}.amazonaws.com"
@@ -25,33 +21,10 @@ RUN_CONFIG = RunConfig.parse(
 )
 
 
-class Aws:
-    """Clients against one moto (server or mock_aws), and a hand into EC2's."""
+class Aws(MotoAws):
+    """The rebuild's services on moto, and what its tests read back."""
 
-    def __init__(self, endpoint: str | None = None):
-        def client(name: str):
-            return boto3.client(name, region_name=REGION, endpoint_url=endpoint)
-
-        self.endpoint = endpoint
-        self.ec2, self.ssm, self.logs = client("ec2"), client("ssm"), client("logs")
-
-    @property
-    def backend(self):
-        return ec2_backend(REGION)
-
-    def image(
-        self,
-        created: str,
-        *,
-        project: str = PROJECT,
-        job: str = JOB,
-        state: str = "available",
-    ) -> str:
-        """An image as the bake tags it, with its creation date and state."""
-        return tagged_image(
-            self.ec2, f"{project}-{job}-{created}", project=project, job=job,
-            created=created, state=state,
-        )  # fmt: skip
+    SERVICES = ("ec2", "ssm", "logs")
 
     def snapshots(self) -> set[str]:
         found = self.ec2.describe_snapshots(OwnerIds=["self"])["Snapshots"]
@@ -61,12 +34,6 @@ class Aws:
         return {
             i["ImageId"] for i in self.ec2.describe_images(Owners=["self"])["Images"]
         }
-
-    def template(self, name: str = f"{PROJECT}-{JOB}", **data: Any) -> str:
-        return self.ec2.create_launch_template(
-            LaunchTemplateName=name,
-            LaunchTemplateData={"InstanceType": "t3.micro", **data},
-        )["LaunchTemplate"]["LaunchTemplateId"]
 
     def point(self, image_id: str) -> int:
         return self.ssm.put_parameter(

@@ -5,15 +5,8 @@ from __future__ import annotations
 import io
 
 import pytest
-from rebuild_support import (
-    JOB,
-    LOG_GROUP,
-    PARAMETER,
-    PROJECT,
-    REGION,
-    RUN_CONFIG,
-    FakeInstance,
-)
+from moto_support import JOB, PROJECT, REGION
+from rebuild_support import LOG_GROUP, PARAMETER, RUN_CONFIG, FakeInstance
 
 from nightshift import promote as nspromote
 from nightshift.errors import NightshiftError

@@ -8,7 +8,8 @@ from datetime import UTC, datetime
 
 import pytest
 from moto import mock_aws
-from rebuild_support import JOB, PARAMETER, PROJECT, REGION, Aws
+from moto_support import JOB, PROJECT, REGION
+from rebuild_support import PARAMETER, Aws
 
 from nightshift import bake, prune
 from nightshift import config as nsconfig
