@@ -256,12 +256,12 @@ def parse(data: dict[str, Any], *, root: Path = Path(".")) -> Config:
                 aws.get("overlap_policy", "skip"),
                 OVERLAP_POLICIES,
             ),
-            subnets=tuple(_string("aws.subnets", s) for s in aws.get("subnets", ())),
-            notification_email=_string(
+            subnets=tuple(_subnet("aws.subnets", s) for s in aws.get("subnets", ())),
+            notification_email=_email(
                 "aws.notification_email", aws.get("notification_email", "")
             ),
-            log_retention_days=_int(
-                "aws.log_retention_days", aws.get("log_retention_days", 30), 1, 3653
+            log_retention_days=_retention(
+                "aws.log_retention_days", aws.get("log_retention_days", 30)
             ),
             keep_images=_int("aws.keep_images", aws.get("keep_images", 10), 1, 1000),
             endpoint_url=check_endpoint_url(
@@ -316,6 +316,33 @@ def _name(name: str, value: Any) -> str:
 def _bool(name: str, value: Any) -> bool:
     if not isinstance(value, bool):
         raise ConfigError(name, value, "use true or false")
+    return value
+
+
+def _subnet(name: str, value: Any) -> str:
+    if not isinstance(value, str) or not re.fullmatch(r"subnet-[0-9a-f]+", value):
+        raise ConfigError(name, value, "use subnet IDs like 'subnet-0abc1234'")
+    return value
+
+
+def _email(name: str, value: Any) -> str:
+    text = _string(name, value)
+    if text and not re.fullmatch(r"[^@\s]+@[^@\s]+\.[^@\s]+", text):
+        raise ConfigError(name, value, "use an address like 'ops@example.com', or ''")
+    return text
+
+
+# The periods CloudWatch Logs accepts for a log group's retention.
+LOG_RETENTION_DAYS = (
+    1, 3, 5, 7, 14, 30, 60, 90, 120, 150, 180, 365, 400, 545, 731, 1096, 1827,
+    2192, 2557, 2922, 3288, 3653,
+)  # fmt: skip
+
+
+def _retention(name: str, value: Any) -> int:
+    if isinstance(value, bool) or value not in LOG_RETENTION_DAYS:
+        allowed = ", ".join(map(str, LOG_RETENTION_DAYS))
+        raise ConfigError(name, value, f"use one of CloudWatch's periods: {allowed}")
     return value
 
 
