@@ -453,7 +453,9 @@ def _run(
     "errored", Ansible's "fatal:" and the message under it), so a failure is
     readable from the exception alone, even where the streamed output was cut.
     """
-    print("+ " + " ".join(command), flush=True)
+    # Once our reader has left (`| head`), keep draining without echoing:
+    # Packer must still finish and stop its VM, not die of a full pipe.
+    echo = _write("+ " + " ".join(command) + "\n")
     evidence: list[str] = []
     following = 0
     with subprocess.Popen(
@@ -467,8 +469,7 @@ def _run(
     ) as process:
         assert process.stdout is not None
         for line in process.stdout:
-            sys.stdout.write(line)
-            sys.stdout.flush()
+            echo = echo and _write(line)
             text = line.rstrip()
             if _FAILURE_LINE.search(text):
                 following = _LINES_AFTER_FAILURE
@@ -483,6 +484,16 @@ def _run(
             shown = [line[:300] for line in evidence[-_MAX_EVIDENCE:]]
             message += "\n  " + "\n  ".join(shown)
         raise NightshiftError(message)
+
+
+def _write(text: str) -> bool:
+    """Write to stdout; False when its reader has gone."""
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        return False
+    return True
 
 
 # Packer's and Ansible's ways of saying what failed, and how much of what

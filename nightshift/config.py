@@ -332,7 +332,8 @@ def _email(name: str, value: Any) -> str:
     return text
 
 
-# The periods CloudWatch Logs accepts for a log group's retention.
+# The periods CloudWatch Logs accepts for a log group's retention; anything
+# else the API refuses only after the stack has started changing.
 LOG_RETENTION_DAYS = (
     1, 3, 5, 7, 14, 30, 60, 90, 120, 150, 180, 365, 400, 545, 731, 1096, 1827,
     2192, 2557, 2922, 3288, 3653,

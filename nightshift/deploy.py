@@ -25,12 +25,6 @@ from nightshift.errors import NightshiftError
 from nightshift.runconfig import ConfigError, RunConfig
 
 TEMPLATE = Path(__file__).resolve().parent.parent / "deploy" / "stack.yaml"
-# The values CloudWatch Logs accepts for a retention; anything else is refused
-# by the API only after the stack has started changing.
-LOG_RETENTION_DAYS = (
-    1, 3, 5, 7, 14, 30, 60, 90, 120, 150, 180, 365, 400, 545,
-    731, 1096, 1827, 2192, 2557, 2922, 3288, 3653,
-)  # fmt: skip
 # The memory alarm fires when a run peaks above this share of the smallest
 # configured instance type's memory: the next run may not fit.
 MEMORY_ALARM_SHARE = 0.85
@@ -95,22 +89,10 @@ class Names:
 def check(cfg: Config) -> None:
     """Refuse settings AWS would refuse halfway through; raise ConfigError.
 
-    The schedule's EventBridge rules and the instance type names are checked
-    when the file is read (nightshift.config), so they never get this far.
+    The schedule, the instance type names, the log retention, the subnet IDs
+    and the e-mail address are checked when the file is read
+    (nightshift.config), so they never get this far.
     """
-    if cfg.aws.log_retention_days not in LOG_RETENTION_DAYS:
-        raise ConfigError(
-            "aws.log_retention_days",
-            cfg.aws.log_retention_days,
-            f"CloudWatch Logs takes one of {', '.join(map(str, LOG_RETENTION_DAYS))}",
-        )
-    for subnet in cfg.aws.subnets:
-        if not re.match(r"^subnet-[0-9a-f]+$", subnet):
-            raise ConfigError("aws.subnets", subnet, "use subnet ids like subnet-0abc…")
-    email = cfg.aws.notification_email
-    if email and not re.match(r"^[^@\s]+@[^@\s]+\.[^@\s]+$", email):
-        raise ConfigError("aws.notification_email", email, "use an e-mail address")
-
     image = cfg.job_settings.image
     if image and not _ECR_IMAGE.match(image):
         raise ConfigError(

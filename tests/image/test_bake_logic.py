@@ -309,3 +309,16 @@ def test_a_failed_step_names_what_went_wrong_in_its_error(tmp_path, capsys):
 def test_a_step_that_succeeds_raises_nothing(tmp_path, capsys):
     bake._run(["sh", "-c", "echo fine"], tmp_path, None)
     assert capsys.readouterr().out.endswith("fine\n")
+
+
+def test_a_reader_that_leaves_does_not_stop_the_step(tmp_path, monkeypatch):
+    """`invoke bake-ami | head`: Packer still runs to its end (and stops its VM)."""
+
+    class GoneReader(io.StringIO):
+        def write(self, text):
+            raise BrokenPipeError
+
+    done = tmp_path / "done"
+    monkeypatch.setattr("sys.stdout", GoneReader())
+    bake._run(["sh", "-c", f"seq 100000; touch {done}"], tmp_path, None)
+    assert done.exists()
