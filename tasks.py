@@ -153,6 +153,7 @@ def job_image(c, config=None):
     from nightshift import jobimage, services
 
     cfg = _load(config)
+    jobimage.job_context(cfg)
     with services.docker_engine(cfg) as client, services.registry(cfg):
         pushed = jobimage.build_and_push(cfg, client)
     print(f"pushed: {', '.join(pushed.tags)} ({pushed.digest})")

@@ -536,6 +536,7 @@ def bench(
     """
     if isinstance(runs, bool) or not isinstance(runs, int) or runs < 1:
         raise NightshiftError(f"--runs: {runs!r} is not valid; use 1 or more")
+    jobimage.job_context(cfg)
     started = datetime.now(UTC)
     load_before = machine_load()
     run_config = cfg.run_config()

@@ -167,8 +167,11 @@ def load(path: str | Path | None = None) -> Config:
             data = tomllib.loads(path.read_text())
         except tomllib.TOMLDecodeError as err:
             raise ConfigError(
-                str(path), "<file>", f"fix the TOML syntax: {err}"
-            ) from err
+                str(path),
+                None,
+                "fix the TOML syntax",
+                message=f"{path}: not valid TOML: {err}; fix the syntax there",
+            ) from None
     else:
         data = {}
     return parse(data, root=path.resolve().parent)

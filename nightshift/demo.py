@@ -45,6 +45,7 @@ def demo(
     cfg: Config, *, accelerator: str | None = None, out: TextIO = sys.stdout
 ) -> Summary:
     """Run every step; raise RunFailed when the job did not succeed."""
+    jobimage.job_context(cfg)
     steps = Steps(out)
     with steps.step("base image (mmdebstrap, cached by its inputs)"):
         base = baseimage.ensure(cfg)

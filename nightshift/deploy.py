@@ -20,6 +20,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from nightshift import jobimage
 from nightshift.config import Config
 from nightshift.errors import NightshiftError
 from nightshift.runconfig import ConfigError, RunConfig
@@ -101,13 +102,7 @@ def check(cfg: Config) -> None:
             "on AWS the instances may pull only from the job's ECR repository; "
             "leave job.image unset (the stack's repository is used)",
         )
-    context = (cfg.root / cfg.job_settings.context).resolve()
-    if not (context / "Dockerfile").is_file():
-        raise ConfigError(
-            "job.context",
-            str(context),
-            "the job image repository needs a folder with the job's Dockerfile",
-        )
+    jobimage.job_context(cfg)
 
 
 def success_window_hours(cfg: Config) -> int:
@@ -645,8 +640,6 @@ def push_job_image(
     because moto's ECR has no registry data plane).
     """
     import docker
-
-    from nightshift import jobimage
 
     target = connect(cfg, endpoint_url, log=log)
     with _aws_errors("getting an ECR login token"):

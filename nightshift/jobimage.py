@@ -19,6 +19,7 @@ from pathlib import Path
 
 from nightshift.config import Config
 from nightshift.errors import NightshiftError, ToolMissing
+from nightshift.runconfig import ConfigError
 from nightshift.services import Registry
 
 BASE_REPOSITORY = "nightshift/python-base"
@@ -208,16 +209,24 @@ def _registry_address(cfg: Config, registry: Registry | str | None) -> str:
     return registry
 
 
+def job_context(cfg: Config) -> Path:
+    """The job's build folder; checked before any engine or registry starts."""
+    context = (cfg.root / cfg.job_settings.context).resolve()
+    if not (context / "Dockerfile").is_file():
+        raise ConfigError(
+            "job.context",
+            str(context),
+            "it holds no Dockerfile; set job.context to the job's folder, "
+            "relative to the project file",
+        )
+    return context
+
+
 def build_image(
     cfg: Config, client, *, base: str, tag: str, revision: str, log: Log = _say
 ) -> str:
     """Build cfg's job context on base, tagged tag; return the image id."""
-    context = (cfg.root / cfg.job_settings.context).resolve()
-    if not (context / "Dockerfile").is_file():
-        raise NightshiftError(
-            f"job.context: {context} has no Dockerfile; "
-            "point job.context in nightshift.toml at the job's folder"
-        )
+    context = job_context(cfg)
     log(f"building {tag} from {context} on {base}")
     image_id = ""
     stream = client.api.build(

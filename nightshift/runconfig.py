@@ -32,11 +32,11 @@ _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 class ConfigError(ValueError):
     """A value that cannot be used, with the field it came from and the fix."""
 
-    def __init__(self, field_name: str, value: Any, allowed: str):
+    def __init__(self, field_name: str, value: Any, allowed: str, *, message: str = ""):
         self.field = field_name
         self.value = value
         self.allowed = allowed
-        super().__init__(f"{field_name}: {value!r} is not valid; {allowed}")
+        super().__init__(message or f"{field_name}: {value!r} is not valid; {allowed}")
 
 
 def parse_duration(field_name: str, value: Any, *, minimum: int = 1) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import subprocess
 import time
 
@@ -9,8 +10,9 @@ import docker
 import pytest
 from jobhelpers import free_port, job_cfg, run_job, summary_of
 
-from nightshift import jobimage, services
+from nightshift import demo, jobimage, services
 from nightshift.errors import NightshiftError
+from nightshift.runconfig import ConfigError
 
 SMALL = {"ROWS": "20000", "GROUPS": "40"}
 
@@ -144,8 +146,21 @@ def test_missing_dockerfile_names_job_context(tmp_path):
     """A context without a Dockerfile points at the setting."""
     cfg = job_cfg(free_port(), context=str(tmp_path))
 
-    with pytest.raises(NightshiftError, match="job.context"):
+    with pytest.raises(ConfigError, match="job.context") as caught:
+        jobimage.job_context(cfg)
+    assert caught.value.value == str(tmp_path)
+    with pytest.raises(ConfigError, match="job.context"):
         jobimage.build_image(cfg, None, base="b", tag="t:1", revision="x")
+
+
+def test_demo_refuses_a_missing_dockerfile_before_starting_anything(tmp_path):
+    """The check comes first: no base image, engine or registry is touched."""
+    cfg = job_cfg(free_port(), context=str(tmp_path / "nowhere"))
+    out = io.StringIO()
+
+    with pytest.raises(ConfigError, match="job.context"):
+        demo.demo(cfg, out=out)
+    assert out.getvalue() == ""
 
 
 @pytest.mark.docker

@@ -52,10 +52,14 @@ def test_bad_value_names_the_field(tmp_path, toml, field):
 
 
 def test_broken_toml_is_one_clear_error(tmp_path):
+    """The message names the file and the line, not a placeholder value."""
     path = tmp_path / "nightshift.toml"
-    path.write_text("[local\n")
-    with pytest.raises(ConfigError, match="TOML"):
+    path.write_text('[job]\nmax_run_time = "2h"\nstop_grace 30\n')
+    with pytest.raises(ConfigError) as caught:
         config.load(path)
+    message = str(caught.value)
+    assert message.startswith(f"{path}: not valid TOML")
+    assert "line 3" in message and "<file>" not in message
 
 
 @pytest.mark.parametrize(
