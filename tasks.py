@@ -14,7 +14,7 @@ from pathlib import Path
 from invoke import Exit, task
 
 from nightshift import config as nsconfig
-from nightshift.runconfig import ConfigError
+from nightshift.runconfig import ConfigError, check_environment
 
 ROOT = Path(__file__).resolve().parent
 CONFIG_HELP = "project file to read (default: nightshift.toml)"
@@ -27,7 +27,11 @@ def _clean_errors(func):
     @functools.wraps(func)
     def wrapper(c, *args, **kwargs):
         from nightshift.errors import NightshiftError
+        from nightshift.output import reader_safe
 
+        # A task outlives its reader (`invoke run | head`): the VM still
+        # powers off, the result is kept and the services stop.
+        sys.stdout = reader_safe(sys.stdout)
         try:
             return func(c, *args, **kwargs)
         except ConfigError as err:
@@ -74,12 +78,12 @@ def _endpoint(cfg, option_value):
 
 
 def _env_pairs(items) -> dict[str, str]:
-    """NAME=VALUE options as a mapping; the run configuration checks the names."""
+    """NAME=VALUE options as a mapping, checked under the option's own name."""
     for item in items or ():
         name, equals, _value = item.partition("=")
         if not (name and equals):
             raise ConfigError("--env", item, "use NAME=VALUE")
-    return dict(item.split("=", 1) for item in items or ())
+    return check_environment("--env", dict(item.split("=", 1) for item in items or ()))
 
 
 @task(
@@ -196,7 +200,7 @@ def run(
     with services.registry(cfg):
         summary = localrun.run(
             cfg, chosen, run_config,
-            accelerator=accelerator, verbose=not quiet,
+            accelerator=accelerator, verbose=not quiet, out=sys.stdout,
         )  # fmt: skip
     localrun.print_summary(summary, sys.stdout)
     if not summary.ok:
@@ -214,7 +218,7 @@ def demo(c, config=None, accelerator=None):
     """The whole local pipeline: base image, job image, bake, run, summary."""
     from nightshift.demo import demo as run_demo
 
-    run_demo(_load(config), accelerator=accelerator)
+    run_demo(_load(config), accelerator=accelerator, out=sys.stdout)
 
 
 @task(
@@ -508,5 +512,5 @@ def bench(c, config=None, runs=None, bake_times=False, accelerator=None, image=N
 
     nsbench.bench(
         _load(config), runs=_count("--runs", runs, 5, low=1), bake_times=bake_times,
-        accelerator=accelerator, image=image,
+        accelerator=accelerator, image=image, out=sys.stdout,
     )  # fmt: skip

@@ -213,8 +213,13 @@ class VM:
                 self.lines.append((stamp, line))
                 log.write(line + "\n")
                 log.flush()
-                for callback in self._listeners:
-                    callback(stamp, line)
+                for callback in list(self._listeners):
+                    try:
+                        callback(stamp, line)
+                    except Exception:
+                        # The console is still read and kept; only this
+                        # listener (a terminal that went away) stops.
+                        self._listeners.remove(callback)
 
     def wait(self, timeout: float) -> bool:
         """True when the VM powered itself off within timeout."""

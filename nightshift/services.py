@@ -104,8 +104,11 @@ def docker_engine(cfg: Config, *, log: Log = _say) -> Iterator:
             yield client
     finally:
         if process is not None:
-            log("stopping the Docker engine this task started")
-            stop_process(process, DOCKERD_STOP_SECONDS)
+            # Stopped even when saying so fails (a reader that went away).
+            try:
+                log("stopping the Docker engine this task started")
+            finally:
+                stop_process(process, DOCKERD_STOP_SECONDS)
 
 
 def _start_dockerd(cfg: Config, log: Log) -> subprocess.Popen:
@@ -246,8 +249,10 @@ def registry(
             )
     finally:
         if process is not None:
-            log(f"stopping the registry this task started on 127.0.0.1:{port}")
-            stop_process(process, REGISTRY_STOP_SECONDS)
+            try:
+                log(f"stopping the registry this task started on 127.0.0.1:{port}")
+            finally:
+                stop_process(process, REGISTRY_STOP_SECONDS)
 
 
 def _start_registry(cfg: Config, port: int, log: Log) -> subprocess.Popen:

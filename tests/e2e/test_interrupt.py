@@ -1,4 +1,8 @@
-"""Ctrl-C during a run leaves nothing behind that the run started."""
+"""A run cut short from outside leaves nothing behind that it started.
+
+Ctrl-C stops the VM; a reader that goes away (`invoke run | head`) does
+not: the run goes on to the power-off and keeps its result.
+"""
 
 from __future__ import annotations
 
@@ -32,21 +36,32 @@ def qemu_processes(marker: str) -> list[int]:
     return found
 
 
-def test_ctrl_c_stops_the_vm_and_the_registry(e2e_cfg, baked, repo_root, tmp_path):
+def own_registry_config(e2e_cfg, repo_root: Path, tmp_path: Path) -> tuple[Path, int]:
+    """The project file with a registry port of its own, so the run starts
+    (and must stop) its own registry."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    # A registry port of its own, so the run starts (and must stop) its own.
     toml = (repo_root / "nightshift.toml").read_text()
     toml = toml.replace("registry_port = 5000", f"registry_port = {port}")
     toml = toml.replace('build_dir = "build"', f'build_dir = "{e2e_cfg.build_dir}"')
-    (tmp_path / "nightshift.toml").write_text(toml)
+    path = tmp_path / "nightshift.toml"
+    path.write_text(toml)
+    return path, port
+
+
+def invoke_run(repo_root: Path, config: Path) -> list[str]:
+    return [sys.executable, "-m", "invoke", "--search-root", str(repo_root), "run",
+            "--config", str(config)]  # fmt: skip
+
+
+def test_ctrl_c_stops_the_vm_and_the_registry(e2e_cfg, baked, repo_root, tmp_path):
+    config, port = own_registry_config(e2e_cfg, repo_root, tmp_path)
 
     log = tmp_path / "run.log"
     with open(log, "w") as output:
         run = subprocess.Popen(
-            [sys.executable, "-m", "invoke", "--search-root", str(repo_root), "run",
-             "--config", str(tmp_path / "nightshift.toml")],
+            invoke_run(repo_root, config),
             cwd=repo_root, stdout=output, stderr=subprocess.STDOUT, text=True,
             # As in a terminal: a shell that started this test in the
             # background may have left SIGINT ignored for its children.
@@ -82,3 +97,39 @@ def test_ctrl_c_stops_the_vm_and_the_registry(e2e_cfg, baked, repo_root, tmp_pat
     assert record["outcome"] == "killed"
     assert "interrupted" in record["reason"]
     assert not (workdir / "disk.qcow2").exists()
+
+
+def test_a_reader_that_leaves_does_not_stop_the_run(
+    e2e_cfg, baked, repo_root, tmp_path
+):
+    """`invoke run | head -1`: the run still ends in power-off and a result.
+
+    The image trusts only the registry port it was baked for, so this run
+    uses the session's registry; services.registry's own test covers a
+    registry that must stop though its message cannot be printed.
+    """
+    errors = tmp_path / "stderr.log"
+    with open(errors, "w") as stderr:
+        run = subprocess.Popen(
+            [sys.executable, "-m", "invoke", "--search-root", str(repo_root), "run"],
+            cwd=repo_root, stdout=subprocess.PIPE, stderr=stderr, text=True,
+        )  # fmt: skip
+    assert run.stdout is not None
+    run_id = None
+    for line in run.stdout:
+        if line.startswith("booting "):
+            run_id = line.split("(run ", 1)[1].split(",", 1)[0]
+            break
+    run.stdout.close()  # what head does once it has its line
+    assert run_id, errors.read_text()
+
+    run.wait(timeout=600)
+    said = errors.read_text()
+
+    assert run.returncode == 0, said
+    assert "Traceback" not in said and "Exception ignored" not in said, said
+    assert qemu_processes(run_id) == []
+    record = json.loads(
+        (e2e_cfg.build_dir / "runs" / run_id / "result.json").read_text()
+    )
+    assert record["outcome"] == "success", record

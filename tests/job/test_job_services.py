@@ -98,6 +98,26 @@ def test_registry_stops_on_an_exception():
     assert not services.registry_answers(port)
 
 
+@needs_registry
+def test_registry_stops_when_saying_so_fails():
+    """A log whose reader has gone (BrokenPipeError) still gets it stopped."""
+    port = free_port()
+
+    def log(message: str) -> None:
+        if message.startswith("stopping"):
+            raise BrokenPipeError(32, "Broken pipe")
+        print(message)
+
+    with (
+        pytest.raises(BrokenPipeError),
+        services.registry(job_cfg(port), log=log) as reg,
+    ):
+        assert services.registry_answers(port)
+
+    assert not services.registry_answers(port)
+    assert not _alive(reg.pid)
+
+
 def test_unreachable_docker_host_is_a_clear_error(monkeypatch, tmp_path):
     """DOCKER_HOST naming a dead engine fails in one line naming DOCKER_HOST."""
     monkeypatch.setenv("DOCKER_HOST", f"unix://{tmp_path}/nothing.sock")

@@ -65,7 +65,7 @@ def test_bad_option_value_is_named():
     ("args", "message"),
     [
         (["--env", "ROWS"], "--env: 'ROWS' is not valid; use NAME=VALUE"),
-        (["--env", "1X=2"], "environment.1X: '1X' is not valid"),
+        (["--env", "1X=2"], "--env.1X: '1X' is not valid"),
         (["--env", "=x"], "--env: '=x' is not valid; use NAME=VALUE"),
         (["--target", "aws"], "--target: 'aws' is not valid; runs on AWS start with"),
         (["--max-run-time", "soon"], "--max-run-time: 'soon' is not valid"),
