@@ -68,6 +68,9 @@ class LocalImage:
     job: str
     git_revision: str = ""
     inputs_key: str = ""
+    # The registry the image's Docker trusts over plain HTTP, as the guest
+    # reaches it ("10.0.2.2:5000"); empty for images baked before it was kept.
+    registry: str = ""
 
     @property
     def disk(self) -> Path:
@@ -551,6 +554,7 @@ def _local_image(cfg: Config, entry: dict) -> LocalImage:
         job=data.get("job", ""),
         git_revision=data.get("git_revision", ""),
         inputs_key=data.get("inputs_key", ""),
+        registry=data.get("registry", ""),
     )
 
 

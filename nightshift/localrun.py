@@ -382,6 +382,24 @@ def new_run_id() -> str:
     return datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ-") + uuid.uuid4().hex[:6]
 
 
+def check_registry(image: BootImage, run_config: RunConfig) -> None:
+    """Refuse a run whose job image sits on a host registry the image won't trust.
+
+    A local image trusts one plain-HTTP registry, the one it was baked for;
+    after local.registry_port changes, its Docker would try HTTPS on the new
+    port and the run would end in a pull failure minutes later.
+    """
+    trusted = getattr(image, "registry", "")
+    host = run_config.image.split("/", 1)[0]
+    if trusted and host.startswith("10.0.2.2:") and host != trusted:
+        raise NightshiftError(
+            f"{image.name} pulls over plain HTTP only from {trusted}, "
+            f"but the job image is {run_config.image}; bake again with "
+            "`invoke bake-ami`, or set local.registry_port back to "
+            f"{trusted.rsplit(':', 1)[1]}"
+        )
+
+
 def run(
     cfg: Config,
     image: BootImage,
@@ -396,6 +414,7 @@ def run(
     run_id = new_run_id()
     base = run_config or cfg.run_config()
     run_config = RunConfig.parse({**base.to_dict(), "run_id": base.run_id or run_id})
+    check_registry(image, run_config)
     workdir = cfg.build_dir / "runs" / run_config.run_id
     vm = VM(cfg, image, run_config, workdir, accelerator=accelerator)
     vm.on_line(ConsolePrinter(out, verbose=verbose))

@@ -40,6 +40,7 @@ build {
       source       = local.source_image[source.name]
       git_revision = var.git_revision
       inputs_key   = var.inputs_key
+      registry     = local.registry[source.name]
       target       = source.name
       project      = var.project
       job          = var.job

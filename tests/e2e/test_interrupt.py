@@ -38,12 +38,14 @@ def qemu_processes(marker: str) -> list[int]:
 
 def own_registry_config(e2e_cfg, repo_root: Path, tmp_path: Path) -> tuple[Path, int]:
     """The project file with a registry port of its own, so the run starts
-    (and must stop) its own registry."""
+    (and must stop) its own registry.  The job image stays on the session's
+    registry: the baked image trusts that one only."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     toml = (repo_root / "nightshift.toml").read_text()
     toml = toml.replace("registry_port = 5000", f"registry_port = {port}")
+    toml = toml.replace('# image = ""', f'image = "{e2e_cfg.local_image()}"')
     toml = toml.replace('build_dir = "build"', f'build_dir = "{e2e_cfg.build_dir}"')
     path = tmp_path / "nightshift.toml"
     path.write_text(toml)

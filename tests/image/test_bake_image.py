@@ -36,7 +36,7 @@ def test_kernel_and_initrd_came_back(baked_image):
 
 
 def test_manifest_records_provenance(baked_image, project_config):
-    """Name, created, source, git revision and target are in the manifest."""
+    """Name, created, source, git revision, target, registry: all in the manifest."""
     entry = next(
         build
         for build in json.loads(bake.manifest_path(project_config).read_text())[
@@ -52,6 +52,9 @@ def test_manifest_records_provenance(baked_image, project_config):
     assert data["target"] == "local"
     assert data["source"].startswith("debian-12-base:")
     assert data["git_revision"]
+    # The one plain-HTTP registry the image's Docker trusts (localrun checks it).
+    assert data["registry"] == project_config.guest_registry
+    assert baked_image.registry == project_config.guest_registry
     assert baked_image.complete
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import shutil
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from nightshift import bake, baseimage, services
+from nightshift import bake, baseimage, localrun, services
 from nightshift import config as nsconfig
 from nightshift.errors import NightshiftError
 from nightshift.runconfig import ConfigError
@@ -188,6 +189,7 @@ def _write_manifest(cfg, entries):
                     "target": "local",
                     "project": project,
                     "job": "example",
+                    "registry": "10.0.2.2:5000",
                 },
             }
         )
@@ -272,6 +274,38 @@ def test_print_images_without_any(cfg):
     out = io.StringIO()
     bake.print_images(cfg, out)
     assert "no local images" in out.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("settings", "refused"),
+    [
+        ({}, False),
+        ({"local": {"registry_port": 5001}}, True),
+        # An image on another registry is not the baked-in trust's business.
+        ({"local": {"registry_port": 5001}, "job": {"image": "ghcr.io/a/b:1"}}, False),
+    ],
+)
+def test_a_run_from_a_registry_the_image_does_not_trust_is_refused(
+    three_images, settings, refused
+):
+    """An image baked for port 5000 would try HTTPS on 5001 and fail slowly."""
+    image = bake.newest_local_image(three_images)
+    assert image.registry == "10.0.2.2:5000"
+    run_config = nsconfig.parse(settings, root=ROOT).run_config()
+
+    if refused:
+        with pytest.raises(NightshiftError, match="bake again") as caught:
+            localrun.check_registry(image, run_config)
+        assert "10.0.2.2:5000" in str(caught.value)
+        assert "registry_port back to 5000" in str(caught.value)
+    else:
+        localrun.check_registry(image, run_config)
+
+
+def test_an_image_from_before_the_registry_was_recorded_is_run(three_images):
+    image = dataclasses.replace(bake.newest_local_image(three_images), registry="")
+    run_config = nsconfig.parse({"local": {"registry_port": 5001}}).run_config()
+    localrun.check_registry(image, run_config)
 
 
 def test_local_image_converts_to_a_candidate(three_images):
