@@ -394,9 +394,9 @@ def check_registry(image: BootImage, run_config: RunConfig) -> None:
     if trusted and host.startswith("10.0.2.2:") and host != trusted:
         raise NightshiftError(
             f"{image.name} pulls over plain HTTP only from {trusted}, "
-            f"but the job image is {run_config.image}; bake again with "
-            "`invoke bake-ami`, or set local.registry_port back to "
-            f"{trusted.rsplit(':', 1)[1]}"
+            f"but the job image is {run_config.image}; set "
+            f"local.registry_port back to {trusted.rsplit(':', 1)[1]}, or bake "
+            "an image for the new port with `invoke demo` (with the same --config)"
         )
 
 

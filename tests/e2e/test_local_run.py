@@ -98,9 +98,14 @@ def unused_port() -> int:
 
 
 def test_registry_down_is_a_pull_failure(e2e_cfg, baked):
-    """No registry answers: pulls are retried until the deadline, then power-off."""
+    """No registry answers: pulls are retried until the deadline, then power-off.
+
+    The guest's own loopback: Docker talks plain HTTP there, and nothing in
+    the guest listens, so every attempt is refused.  (Another port on
+    10.0.2.2 is refused before boot: the image trusts only its own.)
+    """
     deadline = 25
-    image = f"10.0.2.2:{unused_port()}/nightshift/example:latest"
+    image = f"127.0.0.1:{unused_port()}/nightshift/example:latest"
     summary = run(e2e_cfg, baked, image=image, pull_deadline_seconds=deadline)
     assert summary.powered_off
     assert summary.outcome == "pull-failure"

@@ -294,7 +294,9 @@ def test_a_run_from_a_registry_the_image_does_not_trust_is_refused(
     run_config = nsconfig.parse(settings, root=ROOT).run_config()
 
     if refused:
-        with pytest.raises(NightshiftError, match="bake again") as caught:
+        with pytest.raises(
+            NightshiftError, match="bake an image for the new port"
+        ) as caught:
             localrun.check_registry(image, run_config)
         assert "10.0.2.2:5000" in str(caught.value)
         assert "registry_port back to 5000" in str(caught.value)
