@@ -396,7 +396,8 @@ def check_registry(image: BootImage, run_config: RunConfig) -> None:
             f"{image.name} pulls over plain HTTP only from {trusted}, "
             f"but the job image is {run_config.image}; set "
             f"local.registry_port back to {trusted.rsplit(':', 1)[1]}, or bake "
-            "an image for the new port with `invoke demo` (with the same --config)"
+            "an image for the new port: `invoke bake-ami` (or `invoke demo`) "
+            "with the same --config"
         )
 
 
