@@ -31,7 +31,7 @@ def _clean_errors(func):
 
         # A task outlives its reader (`invoke run | head`): the VM still
         # powers off, the result is kept and the services stop.
-        sys.stdout = reader_safe(sys.stdout)
+        stdout, sys.stdout = sys.stdout, reader_safe(sys.stdout)
         try:
             return func(c, *args, **kwargs)
         except ConfigError as err:
@@ -47,6 +47,8 @@ def _clean_errors(func):
                 "nightshift: interrupted; everything this task started is stopped",
                 code=130,
             ) from None
+        finally:
+            sys.stdout = stdout
 
     return wrapper
 

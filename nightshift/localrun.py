@@ -49,6 +49,8 @@ class BootImage:
     disk: Path
     kernel: Path
     initrd: Path
+    # The one plain-HTTP registry its Docker trusts; empty when not known.
+    registry: str = ""
 
 
 @dataclass
@@ -389,7 +391,7 @@ def check_registry(image: BootImage, run_config: RunConfig) -> None:
     after local.registry_port changes, its Docker would try HTTPS on the new
     port and the run would end in a pull failure minutes later.
     """
-    trusted = getattr(image, "registry", "")
+    trusted = image.registry
     host = run_config.image.split("/", 1)[0]
     if trusted and host.startswith("10.0.2.2:") and host != trusted:
         raise NightshiftError(
